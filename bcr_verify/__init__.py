@@ -1,0 +1,1 @@
+"""bcr_verify: differential and property-based verification of LLM prefix (KV) caches."""

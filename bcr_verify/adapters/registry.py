@@ -1,0 +1,125 @@
+"""Implementations by name: the built-in ones, entry points, and any ``module:attr`` factory.
+
+A ``module:attr`` (or entry point in the ``bcr_verify.adapters`` group) names a factory that
+takes the block size and returns either a :class:`CacheAdapter` or an object with
+BCR-memory-2's API, which is then driven through :class:`BCRApiAdapter` (LRU eviction if it
+has ``evict_lru``, explicit eviction by value otherwise).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Callable
+
+from bcr_verify.adapters.base import CacheAdapter
+from bcr_verify.adapters.bcr_api import BCRApiAdapter
+from bcr_verify.errors import AdapterUnavailable
+from bcr_verify.models.reference import ReferenceCache
+
+ENTRY_POINT_GROUP = "bcr_verify.adapters"
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    description: str
+    build: Callable[[int, int], CacheAdapter]
+    """``build(block_size, capacity_pages)``; raises :class:`AdapterUnavailable` with why."""
+
+    def availability(self) -> str | None:
+        """None when the implementation can be built here, otherwise the reason it cannot."""
+        try:
+            self.build(1, 8)
+        except AdapterUnavailable as exc:
+            return str(exc)
+        return None
+
+
+def _reference(block_size: int, capacity: int) -> CacheAdapter:
+    return BCRApiAdapter("reference", ReferenceCache, block_size, capacity, eviction="lru")
+
+
+def _bcr(block_size: int, capacity: int) -> CacheAdapter:
+    try:
+        bcr_cache = importlib.import_module("bcr_cache")
+    except ImportError as exc:
+        raise AdapterUnavailable(
+            f"bcr_cache is not importable ({exc}); it is published on no registry reachable "
+            "here: build its wheel from BCR-memory-2 (maturin build) and pip install it"
+        ) from None
+    factory = getattr(bcr_cache, "SGLangBCRCache", None) or bcr_cache.BCRCache
+    return BCRApiAdapter("bcr", lambda bs: factory(block_size=bs), block_size, capacity,
+                         eviction="explicit")
+
+
+def _sglang(kind: str) -> Callable[[int, int], CacheAdapter]:
+    def build(block_size: int, capacity: int) -> CacheAdapter:
+        try:
+            from bcr_verify.adapters import sglang as sglang_adapters
+        except ImportError as exc:
+            raise AdapterUnavailable(
+                f"sglang is not importable ({exc}); run `make setup` to install it"
+            ) from None
+        return sglang_adapters.build(kind, block_size, capacity)
+    return build
+
+
+BUILTIN: dict[str, Implementation] = {
+    impl.name: impl for impl in [
+        Implementation("reference", "pure-Python reference model (LRU on a logical clock)",
+                       _reference),
+        Implementation("bcr", "BCR-memory-2's Rust cache (bcr_cache wheel), explicit eviction",
+                       _bcr),
+        Implementation("sglang-radix", "SGLang RadixCache + real token/paged allocator",
+                       _sglang("radix")),
+        Implementation("sglang-unified-py", "SGLang UnifiedRadixCache, Python tree core",
+                       _sglang("unified-py")),
+        Implementation("sglang-unified-rust", "SGLang UnifiedRadixCache, Rust tree core",
+                       _sglang("unified-rust")),
+    ]
+}
+DEFAULT = ["reference", "bcr", "sglang-radix", "sglang-unified-py", "sglang-unified-rust"]
+
+
+def from_factory(spec: str, name: str | None = None) -> Implementation:
+    """An implementation from ``module:attr`` naming a factory that takes the block size."""
+    name = name or spec
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"impl {spec!r}: expected a known name or 'module:attr'")
+
+    def build(block_size: int, capacity: int) -> CacheAdapter:
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise AdapterUnavailable(f"cannot load {spec}: {exc}") from None
+        made = factory(block_size)
+        if isinstance(made, CacheAdapter):
+            return made
+        eviction = "lru" if hasattr(made, "evict_lru") else "explicit"
+        return BCRApiAdapter(name, factory, block_size, capacity, eviction=eviction)
+
+    return Implementation(name, f"factory {spec}", build)
+
+
+def _entry_points() -> dict[str, Implementation]:
+    found = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = from_factory(ep.value, name=ep.name)
+    return found
+
+
+def all_implementations() -> dict[str, Implementation]:
+    return {**BUILTIN, **_entry_points()}
+
+
+def resolve(name: str) -> Implementation:
+    """A name from :func:`all_implementations`, or ``module:attr``."""
+    known = all_implementations()
+    if name in known:
+        return known[name]
+    if ":" in name:
+        return from_factory(name)
+    raise ValueError(f"impl {name!r} is unknown; choose from {sorted(known)} or give module:attr")

@@ -1,0 +1,318 @@
+"""The engine: apply one operation to every implementation and judge each against the model.
+
+Each implementation runs in a *lane* with its own shadow :class:`ReferenceCache`, whose block
+values are the very page ids the implementation stores. Results must equal the shadow's; where
+an implementation may legally choose (LRU ties, whole-node over-eviction), its choice is
+checked by the shadow and then followed, so lanes stay exact without ever skipping a check.
+Lanes whose caches made the same choices hold identical shadows, so agreeing with the shadow
+is agreeing with each other.
+
+Operations mirror a serving engine's scheduler: a request *begins* (match, lock the prefix,
+allocate pages for the rest, evicting if short), then *finishes* (insert, free duplicate
+pages, unlock) or is *aborted*; plus plain lookups, evictions and a cache flush. After every
+operation each lane's invariants run. Every operation is recorded, so a failure comes with the
+trace that replays it (:mod:`bcr_verify.trace`). The Hypothesis machine, the soak driver and
+trace replay are all thin layers over this class.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from bcr_verify.adapters.base import CacheAdapter
+from bcr_verify.errors import Divergence, InvariantViolation, VerificationFailure
+from bcr_verify.models.reference import ReferenceCache
+
+
+@dataclass
+class Held:
+    """What one request holds in one lane while it runs."""
+
+    matched: list[int]
+    receipt: Any
+    new: list[int]
+
+
+@dataclass
+class LaneStats:
+    ops: Counter = field(default_factory=Counter)
+    lookups: int = 0
+    hits: int = 0
+    hit_tokens: int = 0
+    lookup_tokens: int = 0
+    evictions: int = 0
+    evicted_tokens: int = 0
+    duplicates_freed: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "ops": dict(self.ops), "lookups": self.lookups, "hits": self.hits,
+            "hit_tokens": self.hit_tokens, "lookup_tokens": self.lookup_tokens,
+            "hit_rate": round(self.hit_tokens / self.lookup_tokens, 4) if self.lookup_tokens else 0.0,
+            "evictions": self.evictions, "evicted_tokens": self.evicted_tokens,
+            "duplicates_freed": self.duplicates_freed,
+        }
+
+
+class Lane:
+    def __init__(self, adapter: CacheAdapter):
+        self.adapter = adapter
+        self.name = adapter.name
+        self.block_size = adapter.contract.block_size
+        self.shadow = ReferenceCache(self.block_size)
+        self.held: set[int] = set()
+        self.stats = LaneStats()
+
+    def diverge(self, check: str, detail: str) -> Divergence:
+        return Divergence(self.name, check, detail)
+
+
+class Lockstep:
+    """Drive ``adapters`` in lockstep. ``check_every`` = 1 runs invariants after every step."""
+
+    def __init__(self, adapters: Sequence[CacheAdapter], check_every: int = 1):
+        if not adapters:
+            raise ValueError("adapters: need at least one implementation to verify")
+        names = [a.name for a in adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapters: names must be unique, got {names}")
+        sizes = {a.contract.block_size for a in adapters}
+        if len(sizes) != 1:
+            raise ValueError(f"adapters: all must share one block size, got {sorted(sizes)}")
+        self.block_size = sizes.pop()
+        self.lanes = [Lane(a) for a in adapters]
+        self.check_every = check_every
+        self.requests: dict[int, tuple[list[int], dict[str, Held]]] = {}
+        self.next_rid = 0
+        self.steps: list[dict] = []
+        self.rejected = 0
+
+    # ----------------------------------------------------------------- operations
+
+    def begin(self, tokens: Sequence[int]) -> int | None:
+        """A request arrives: returns its id, or None if some lane could not make room."""
+        tokens = list(tokens)
+        return self._step("begin", {"tokens": tokens}, lambda: self._begin(tokens))
+
+    def finish(self, rid: int) -> None:
+        """The request completes: its prompt is inserted and its prefix unlocked."""
+        self._step("finish", {"rid": rid}, lambda: self._end(rid, finished=True))
+
+    def abort(self, rid: int) -> None:
+        """The request is dropped: its fresh pages are freed and its prefix unlocked."""
+        self._step("abort", {"rid": rid}, lambda: self._end(rid, finished=False))
+
+    def match(self, tokens: Sequence[int]) -> None:
+        """A lookup with no lock (a router's probe, or a scheduler ranking its queue)."""
+        tokens = list(tokens)
+        self._step("match", {"tokens": tokens}, lambda: [self._match(l, tokens) for l in self.lanes])
+
+    def evict(self, num_tokens: int) -> None:
+        """Free at least ``num_tokens`` tokens: LRU caches choose, explicit caches are told."""
+        self._step("evict", {"num_tokens": num_tokens},
+                   lambda: [self._evict_lru(l, num_tokens) for l in self.lanes])
+
+    def evict_value(self, pick: int) -> None:
+        """Explicit caches evict one block (with its subtree); ``pick`` indexes the candidates."""
+        self._step("evict_value", {"pick": pick},
+                   lambda: [self._evict_value(l, pick) for l in self.lanes])
+
+    def reset(self) -> None:
+        """Flush: abort every running request, then empty every cache and allocator."""
+        def run():
+            for rid in list(self.requests):
+                self._end(rid, finished=False)
+            for lane in self.lanes:
+                lane.adapter.reset()
+                lane.shadow.reset()
+                lane.stats.ops["reset"] += 1
+        self._step("reset", {}, run)
+
+    def apply(self, step: dict) -> Any:
+        """Replay one recorded step (see :mod:`bcr_verify.trace`)."""
+        op, args = step["op"], step.get("args", {})
+        if op not in ("begin", "finish", "abort", "match", "evict", "evict_value", "reset"):
+            raise ValueError(f"step: unknown op {op!r}")
+        return getattr(self, op)(**args)
+
+    # ----------------------------------------------------------------- reporting
+
+    def report(self) -> dict:
+        return {
+            "steps": len(self.steps),
+            "operations": dict(Counter(s["op"] for s in self.steps)),
+            "rejected_requests": self.rejected,
+            "implementations": {
+                lane.name: {"contract": vars(lane.adapter.contract), **lane.stats.as_dict()}
+                for lane in self.lanes
+            },
+        }
+
+    # ----------------------------------------------------------------- internals
+
+    def _step(self, op: str, args: dict, run) -> Any:
+        index = len(self.steps)
+        self.steps.append({"op": op, "args": args})
+        try:
+            result = run()
+            if self.check_every and index % self.check_every == 0:
+                self.check()
+        except VerificationFailure as failure:
+            raise failure.at_step(index)
+        return result
+
+    def check(self) -> None:
+        """Every lane's invariants: its own check, sizes against the model, pool conservation."""
+        for lane in self.lanes:
+            adapter, shadow = lane.adapter, lane.shadow
+            adapter.check_invariants()
+            try:
+                shadow.assert_invariants()
+            except AssertionError as exc:  # the model is the oracle: this is our own bug
+                raise InvariantViolation("reference model", "assert_invariants", str(exc)) from exc
+            sizes = adapter.sizes()
+            if sizes is not None:
+                want = (shadow.evictable_tokens, shadow.protected_tokens)
+                if (sizes.evictable, sizes.protected) != want:
+                    raise lane.diverge(
+                        "sizes", f"evictable/protected = {sizes.evictable}/{sizes.protected}, "
+                        f"model says {want[0]}/{want[1]}")
+            free = adapter.available_pages()
+            total = free + len(shadow) + len(lane.held)
+            if total != adapter.capacity_pages:
+                raise InvariantViolation(
+                    lane.name, "pool conservation",
+                    f"free {free} + cached {len(shadow)} + held by requests {len(lane.held)} = "
+                    f"{total} pages, capacity is {adapter.capacity_pages}")
+
+    def _match(self, lane: Lane, tokens: list[int]):
+        want_len, want_pages = lane.shadow.match_prefix(tokens)
+        got = lane.adapter.match(tokens)
+        if (got.length, list(got.pages)) != (want_len, want_pages):
+            raise lane.diverge(
+                "match", f"matched {got.length} tokens with pages {_short(got.pages)}, "
+                f"model: {want_len} tokens with pages {_short(want_pages)}")
+        lane.stats.lookups += 1
+        lane.stats.lookup_tokens += len(tokens)
+        lane.stats.hits += want_len > 0
+        lane.stats.hit_tokens += want_len
+        return got
+
+    def _begin(self, tokens: list[int]) -> int | None:
+        blocks = len(tokens) // self.block_size
+        held: dict[str, Held] = {}
+        for lane in self.lanes:
+            got = self._match(lane, tokens)
+            receipt = lane.adapter.lock(got.handle)
+            lane.shadow.acquire(got.pages)
+            held[lane.name] = Held(matched=list(got.pages), receipt=receipt, new=[])
+            new = self._alloc(lane, blocks - len(got.pages))
+            if new is None:
+                for name, h in held.items():
+                    self._release(self._lane(name), h)
+                self.rejected += 1
+                return None
+            held[lane.name].new = new
+            lane.held.update(new)
+            lane.stats.ops["begin"] += 1
+        rid = self.next_rid
+        self.next_rid += 1
+        self.requests[rid] = (tokens, held)
+        return rid
+
+    def _alloc(self, lane: Lane, n: int) -> list[int] | None:
+        short = n - lane.adapter.available_pages()
+        if short > 0:
+            self._evict_lru(lane, short * self.block_size)
+        pages = lane.adapter.alloc(n)
+        if pages is None:
+            return None
+        pages = list(pages)
+        bad = [p for p in pages if p in lane.shadow or p in lane.held]
+        if bad or len(set(pages)) != len(pages):
+            raise InvariantViolation(
+                lane.name, "allocator", f"handed out pages {_short(bad or pages)} that are "
+                "cached, held by a running request, or repeated")
+        return pages
+
+    def _release(self, lane: Lane, held: Held) -> None:
+        lane.adapter.free(held.new)
+        lane.held.difference_update(held.new)
+        lane.adapter.unlock(held.receipt)
+        lane.shadow.release(held.matched)
+
+    def _end(self, rid: int, finished: bool) -> None:
+        if rid not in self.requests:
+            raise ValueError(f"rid: no running request {rid}")
+        tokens, held = self.requests.pop(rid)
+        for lane in self.lanes:
+            h = held[lane.name]
+            lane.stats.ops["finish" if finished else "abort"] += 1
+            if not finished:
+                self._release(lane, h)
+                continue
+            pages = h.matched + h.new
+            got = lane.adapter.insert(tokens, pages, owned_from=len(h.matched))
+            want_prefix = lane.shadow.insert(tokens, pages)
+            want_freed = pages[len(h.matched): want_prefix // self.block_size]
+            if got.prefix_len != want_prefix:
+                raise lane.diverge(
+                    "insert", f"reported {got.prefix_len} tokens already cached, model: {want_prefix}")
+            if sorted(got.freed) != sorted(want_freed):
+                raise lane.diverge(
+                    "insert duplicates", f"freed {_short(got.freed)} as duplicates, model: "
+                    f"{_short(want_freed)}")
+            lane.stats.duplicates_freed += len(want_freed)
+            lane.held.difference_update(h.new)
+            lane.adapter.unlock(h.receipt)
+            lane.shadow.release(h.matched)
+
+    def _evict_lru(self, lane: Lane, num_tokens: int) -> None:
+        lane.stats.ops["evict"] += 1
+        if lane.adapter.contract.eviction == "lru":
+            freed = list(lane.adapter.evict_tokens(num_tokens))
+            try:
+                lane.shadow.apply_lru_eviction(freed, num_tokens)
+            except ValueError as exc:
+                raise lane.diverge("eviction", str(exc)) from None
+        else:
+            freed = []
+            for value in lane.shadow.lru_victims(num_tokens):
+                freed += self._evict_explicit(lane, value)
+        if freed:
+            lane.stats.evictions += 1
+            lane.stats.evicted_tokens += len(freed) * self.block_size
+
+    def _evict_value(self, lane: Lane, pick: int) -> None:
+        if lane.adapter.contract.eviction != "explicit":
+            return
+        candidates = lane.shadow.evictable_values()
+        if not candidates:
+            return
+        lane.stats.ops["evict_value"] += 1
+        freed = self._evict_explicit(lane, candidates[pick % len(candidates)])
+        lane.stats.evictions += 1
+        lane.stats.evicted_tokens += len(freed) * self.block_size
+
+    def _evict_explicit(self, lane: Lane, value: int) -> list[int]:
+        want = lane.shadow.subtree_values(value)
+        got = lane.adapter.evict_value(value)
+        if got is None:
+            lane.adapter.free(want)
+        elif sorted(got) != sorted(want):
+            raise lane.diverge(
+                "evict", f"evicting page {value} freed {_short(got)}, model: {_short(want)}")
+        lane.shadow.evict(value)
+        return want
+
+    def _lane(self, name: str) -> Lane:
+        return next(l for l in self.lanes if l.name == name)
+
+
+def _short(values: Sequence[int], limit: int = 12) -> str:
+    values = list(values)
+    if len(values) <= limit:
+        return str(values)
+    return f"[{', '.join(map(str, values[:limit]))}, ... ({len(values)} in all)]"

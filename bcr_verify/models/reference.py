@@ -1,0 +1,339 @@
+"""The reference prefix cache: a plain block trie that everything else is judged against.
+
+It speaks BCR-memory-2's public API (``BCRCache(block_size)``, ``insert``, ``match_prefix``,
+``evict``, ``acquire``/``release``, ``assert_invariants``) and adds what judging SGLang's
+token-granular LRU caches needs: ``block_size=1`` for token granularity, a logical clock
+instead of wall time, LRU eviction by token count, and :meth:`apply_lru_eviction`, which
+accepts any eviction an LRU cache may legally make and refuses the rest.
+
+Design rule: obviously correct beats fast. One node per block, a dict of children per node,
+a dict from value to node; no path compression, no cleverness. Every public method validates
+all of its input before changing anything, so a refused call leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Sequence
+
+
+@dataclass(eq=False)
+class Block:
+    """One cached block: ``block_size`` tokens below ``parent``, mapped to ``value``."""
+
+    tokens: tuple[int, ...]
+    value: Hashable
+    parent: "Block | None"
+    children: dict[tuple[int, ...], "Block"] = field(default_factory=dict)
+    refs: int = 0
+    # LRU bookkeeping on the model's logical clock. ``used`` is the last time the block was
+    # matched or inserted. ``maybe_used`` is the latest time a radix tree may also have
+    # refreshed it: a radix node refreshes its whole key before splitting off the matched
+    # part, so the unmatched rest of that node counts as touched there.
+    used: int = 0
+    maybe_used: int = 0
+
+
+class ReferenceCache:
+    """A pure-Python prefix cache with BCR-memory-2's API. See the module docstring."""
+
+    def __init__(self, block_size: int = 16):
+        if isinstance(block_size, bool) or not isinstance(block_size, int):
+            raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.clock = 0
+        self._root_children: dict[tuple[int, ...], Block] = {}
+        self._by_value: dict[Hashable, Block] = {}
+
+    # ----------------------------------------------------------------- queries
+
+    def __len__(self) -> int:
+        """Number of cached blocks."""
+        return len(self._by_value)
+
+    def __contains__(self, value: Hashable) -> bool:
+        return value in self._by_value
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._by_value) * self.block_size
+
+    @property
+    def protected_tokens(self) -> int:
+        """Tokens in blocks held by at least one acquire (SGLang's ``protected_size``)."""
+        return sum(1 for b in self._by_value.values() if b.refs > 0) * self.block_size
+
+    @property
+    def evictable_tokens(self) -> int:
+        return self.cached_tokens - self.protected_tokens
+
+    def values(self) -> list[Hashable]:
+        return list(self._by_value)
+
+    def refcount(self, value: Hashable) -> int:
+        return self._block(value, "value").refs
+
+    def subtree_values(self, value: Hashable) -> list[Hashable]:
+        """``value`` and every value cached below it, parents before children."""
+        return [b.value for b in self._subtree(self._block(value, "value"))]
+
+    def evictable_values(self) -> list[Hashable]:
+        """Values whose explicit eviction is allowed: nothing in their subtree is in use."""
+        return [v for v, b in self._by_value.items() if not any(x.refs for x in self._subtree(b))]
+
+    def lru_victims(self, num_tokens: int) -> list[Hashable]:
+        """What this model evicts for ``evict_lru(num_tokens)``, in eviction order."""
+        self._check_count(num_tokens, "num_tokens")
+        children_left = {id(b): len(b.children) for b in self._by_value.values()}
+        leaves = [b for b in self._by_value.values() if not b.children and b.refs == 0]
+        victims: list[Hashable] = []
+        while leaves and len(victims) * self.block_size < num_tokens:
+            leaf = min(leaves, key=lambda b: (b.used, repr(b.value)))
+            leaves.remove(leaf)
+            victims.append(leaf.value)
+            parent = leaf.parent
+            if parent is not None:
+                children_left[id(parent)] -= 1
+                if children_left[id(parent)] == 0 and parent.refs == 0:
+                    leaves.append(parent)
+        return victims
+
+    # ----------------------------------------------------------------- BCR-memory-2 API
+
+    def match_prefix(self, token_ids: Sequence[int]) -> tuple[int, list[Hashable]]:
+        """Longest cached prefix of ``token_ids`` in whole blocks: ``(matched_len, values)``.
+
+        A match counts as a use for LRU: the matched blocks are stamped with the clock.
+        """
+        blocks = self._split(token_ids, "token_ids")
+        path = self._walk(blocks)
+        self._touch(path, len(path))
+        return len(path) * self.block_size, [b.value for b in path]
+
+    def insert(self, token_ids: Sequence[int], block_values: Sequence[Hashable]) -> int:
+        """Cache the full blocks of ``token_ids`` with one value per full block.
+
+        Blocks already cached keep their existing value; the caller's value for such a block is
+        a duplicate that the caller still owns. Returns the number of tokens that were already
+        cached (SGLang's ``InsertResult.prefix_len``).
+        """
+        blocks = self._split(token_ids, "token_ids")
+        values = list(block_values) if not isinstance(block_values, (str, bytes)) else None
+        if values is None:
+            raise TypeError("block_values must be a sequence of values, one per full block")
+        if len(values) != len(blocks):
+            raise ValueError(
+                f"block_values has {len(values)} values but token_ids has {len(blocks)} full "
+                f"blocks of {self.block_size} tokens"
+            )
+        path = self._walk(blocks)
+        new_values = values[len(path):]
+        for value in new_values:
+            try:
+                hash(value)
+            except TypeError:
+                raise TypeError(f"block_values must be hashable, got {type(value).__name__}") from None
+        if len(set(new_values)) != len(new_values):
+            raise ValueError("block_values repeats a value: each cached block needs its own")
+        taken = [v for v in new_values if v in self._by_value]
+        if taken:
+            raise ValueError(f"block_values {taken[:3]} are already cached under another prefix")
+
+        existing = len(path)
+        self._touch(path, existing)
+        parent = path[-1] if path else None
+        for block_tokens, value in zip(blocks[existing:], new_values):
+            block = Block(block_tokens, value, parent, used=self.clock, maybe_used=self.clock)
+            self._children(parent)[block_tokens] = block
+            self._by_value[value] = block
+            parent = block
+        return (len(blocks) - len(new_values)) * self.block_size
+
+    def evict(self, block_value: Hashable) -> list[Hashable]:
+        """Remove ``block_value`` and everything cached below it; returns the removed values."""
+        block = self._block(block_value, "block_value")
+        doomed = self._subtree(block)
+        busy = [b.value for b in doomed if b.refs]
+        if busy:
+            raise ValueError(
+                f"block_value {block_value!r} cannot be evicted: {busy[:3]} in its subtree are "
+                "acquired; release them first"
+            )
+        self._remove(doomed)
+        return [b.value for b in doomed]
+
+    def acquire(self, values: Iterable[Hashable]) -> None:
+        """Pin blocks against eviction (a running request holding its prefix)."""
+        blocks = [self._block(v, "values") for v in list(values)]
+        for block in blocks:
+            block.refs += 1
+
+    def release(self, values: Iterable[Hashable]) -> None:
+        """Undo :meth:`acquire`. Releasing more often than acquired is refused."""
+        values = list(values)
+        blocks = [self._block(v, "values") for v in values]
+        wanted: dict[int, int] = {}
+        for block in blocks:
+            wanted[id(block)] = wanted.get(id(block), 0) + 1
+            if wanted[id(block)] > block.refs:
+                raise ValueError(
+                    f"values: {block.value!r} is released more often than it was acquired"
+                )
+        for block in blocks:
+            block.refs -= 1
+
+    def reset(self) -> None:
+        """Drop everything, in-use blocks included (SGLang's ``flush_cache``)."""
+        self._root_children.clear()
+        self._by_value.clear()
+
+    # ----------------------------------------------------------------- LRU caches
+
+    def evict_lru(self, num_tokens: int) -> list[Hashable]:
+        """Evict least-recently-used unpinned leaves until ``num_tokens`` tokens are freed."""
+        victims = self.lru_victims(num_tokens)
+        for value in victims:
+            self._remove([self._by_value[value]])
+        return victims
+
+    def apply_lru_eviction(self, freed: Sequence[Hashable], num_tokens: int) -> None:
+        """Accept an LRU cache's own eviction choice if it is legal, then apply it.
+
+        Legal means: only cached, unpinned blocks, whole subtrees (a block never outlives its
+        parent), at least ``num_tokens`` freed unless everything evictable went, and LRU order:
+        no freed block was used later than a leaf that could have been evicted instead and
+        stayed. Over-eviction by whole radix nodes is allowed. Raises ``ValueError`` with what
+        was wrong, and then changes nothing.
+        """
+        self._check_count(num_tokens, "num_tokens")
+        freed = list(freed)
+        if len(set(freed)) != len(freed):
+            raise ValueError("freed the same block twice")
+        unknown = [v for v in freed if v not in self._by_value]
+        if unknown:
+            raise ValueError(f"freed {unknown[:3]}, which this cache does not hold")
+        gone = {id(self._by_value[v]) for v in freed}
+        blocks = [self._by_value[v] for v in freed]
+        pinned = [b.value for b in blocks if b.refs]
+        if pinned:
+            raise ValueError(f"evicted {pinned[:3]}, which a running request holds")
+        orphans = [c.value for b in blocks for c in b.children.values() if id(c) not in gone]
+        if orphans:
+            raise ValueError(f"evicted a block but kept {orphans[:3]} below it")
+        freed_tokens = len(freed) * self.block_size
+        if freed_tokens < min(num_tokens, self.evictable_tokens):
+            raise ValueError(
+                f"asked to free {num_tokens} tokens, freed {freed_tokens} while "
+                f"{self.evictable_tokens} were evictable"
+            )
+        kept_leaves = [
+            b for b in self._by_value.values()
+            if not b.children and not b.refs and id(b) not in gone
+        ]
+        if blocks and kept_leaves:
+            newest = max(blocks, key=lambda b: b.used)
+            oldest = min(kept_leaves, key=lambda b: b.maybe_used)
+            if newest.used > oldest.maybe_used:
+                raise ValueError(
+                    f"not LRU: evicted {newest.value!r} (last used at t={newest.used}) but kept "
+                    f"leaf {oldest.value!r} (last used at t={oldest.maybe_used})"
+                )
+        self._remove(blocks)
+
+    # ----------------------------------------------------------------- self-check
+
+    def assert_invariants(self) -> None:
+        """Check the trie's own consistency; raises ``AssertionError`` naming what broke."""
+        seen: dict[int, Block] = {}
+        stack = [(None, key, b) for key, b in self._root_children.items()]
+        while stack:
+            parent, key, block = stack.pop()
+            assert id(block) not in seen, f"block {block.value!r} reachable twice"
+            seen[id(block)] = block
+            assert block.parent is parent, f"block {block.value!r} has a wrong parent link"
+            assert key == block.tokens, f"block {block.value!r} is filed under a wrong key"
+            assert len(block.tokens) == self.block_size, f"block {block.value!r} is not full"
+            assert block.refs >= 0, f"block {block.value!r} has refcount {block.refs}"
+            assert self._by_value.get(block.value) is block, f"value {block.value!r} not indexed"
+            assert block.used <= block.maybe_used <= self.clock, f"block {block.value!r} clock"
+            if parent is not None:
+                assert block.used <= parent.maybe_used, "a block was used but its parent was not"
+            stack.extend((block, k, c) for k, c in block.children.items())
+        assert len(seen) == len(self._by_value), "value index holds blocks not in the trie"
+
+    # ----------------------------------------------------------------- internals
+
+    def _split(self, token_ids: Sequence[int], name: str) -> list[tuple[int, ...]]:
+        if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
+            raise TypeError(f"{name} must be a sequence of ints, got {type(token_ids).__name__}")
+        tokens = list(token_ids)
+        for i, t in enumerate(tokens):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"{name}[{i}] must be an int, got {type(t).__name__}")
+            if t < 0:
+                raise ValueError(f"{name}[{i}] must be >= 0, got {t}")
+        n = len(tokens) // self.block_size * self.block_size
+        return [tuple(tokens[i:i + self.block_size]) for i in range(0, n, self.block_size)]
+
+    @staticmethod
+    def _check_count(n: int, name: str) -> None:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0, got {n}")
+
+    def _children(self, block: Block | None) -> dict[tuple[int, ...], Block]:
+        return self._root_children if block is None else block.children
+
+    def _walk(self, blocks: list[tuple[int, ...]]) -> list[Block]:
+        path: list[Block] = []
+        children = self._root_children
+        for block_tokens in blocks:
+            block = children.get(block_tokens)
+            if block is None:
+                break
+            path.append(block)
+            children = block.children
+        return path
+
+    def _touch(self, path: list[Block], existing: int) -> None:
+        """Stamp ``path`` with a new clock tick; ``existing`` is how much of it was cached."""
+        self.clock += 1
+        for block in path:
+            block.used = block.maybe_used = self.clock
+        if not existing:
+            return
+        # A radix tree may have ended this walk inside a node, whose unmatched rest is the
+        # single-child chain below the last cached block: it counts as maybe touched.
+        children = path[existing - 1].children
+        while len(children) == 1:
+            (block,) = children.values()
+            block.maybe_used = self.clock
+            children = block.children
+
+    def _block(self, value: Hashable, name: str) -> Block:
+        try:
+            return self._by_value[value]
+        except KeyError:
+            raise ValueError(f"{name}: {value!r} is not cached") from None
+        except TypeError:
+            raise TypeError(f"{name} must hold hashable values, got {type(value).__name__}") from None
+
+    def _subtree(self, block: Block) -> list[Block]:
+        out, stack = [], [block]
+        while stack:
+            b = stack.pop()
+            out.append(b)
+            stack.extend(b.children.values())
+        return out
+
+    def _remove(self, blocks: list[Block]) -> None:
+        for block in blocks:
+            self._children(block.parent).pop(block.tokens, None)
+            del self._by_value[block.value]
+
+
+BCRCache = ReferenceCache
+"""BCR-memory-2's class name, so code written against ``bcr_cache`` runs on the model."""
