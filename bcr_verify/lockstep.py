@@ -69,10 +69,28 @@ class Lane:
         return Divergence(self.name, check, detail)
 
 
+class Observer:
+    """Hooks into every lane's request path; :mod:`bcr_verify.kv_replay` is one.
+
+    ``on_begin`` sees each lane's locked, matched pages and the fresh pages for the rest of
+    the prompt, as an engine's forward pass would; it may raise a :class:`Divergence`.
+    """
+
+    def on_begin(self, lane: str, tokens: list[int], matched: list[int], new: list[int]) -> None:
+        """Called once per lane when a request has its prefix locked and its pages allocated."""
+
+    def on_reset(self, lane: str) -> None:
+        """Called when a lane's cache and allocator are emptied."""
+
+    def report(self) -> dict:
+        return {}
+
+
 class Lockstep:
     """Drive ``adapters`` in lockstep. ``check_every`` = 1 runs invariants after every step."""
 
-    def __init__(self, adapters: Sequence[CacheAdapter], check_every: int = 1):
+    def __init__(self, adapters: Sequence[CacheAdapter], check_every: int = 1,
+                 observers: Sequence[Observer] = ()):
         if not adapters:
             raise ValueError("adapters: need at least one implementation to verify")
         names = [a.name for a in adapters]
@@ -84,6 +102,7 @@ class Lockstep:
         self.block_size = sizes.pop()
         self.lanes = [Lane(a) for a in adapters]
         self.check_every = check_every
+        self.observers = list(observers)
         self.requests: dict[int, tuple[list[int], dict[str, Held]]] = {}
         self.next_rid = 0
         self.steps: list[dict] = []
@@ -128,6 +147,8 @@ class Lockstep:
                 lane.adapter.reset()
                 lane.shadow.reset()
                 lane.stats.ops["reset"] += 1
+                for observer in self.observers:
+                    observer.on_reset(lane.name)
         self._step("reset", {}, run)
 
     def apply(self, step: dict) -> Any:
@@ -148,6 +169,7 @@ class Lockstep:
                 lane.name: {"contract": vars(lane.adapter.contract), **lane.stats.as_dict()}
                 for lane in self.lanes
             },
+            **{k: v for o in self.observers for k, v in o.report().items()},
         }
 
     # ----------------------------------------------------------------- internals
@@ -161,6 +183,9 @@ class Lockstep:
                 self.check()
         except VerificationFailure as failure:
             raise failure.at_step(index)
+        except AssertionError as exc:  # an implementation's own assertion fired
+            raise Divergence(_culprit(exc), "assertion", f"{type(exc).__name__}: {exc}").at_step(
+                index) from exc
         return result
 
     def check(self) -> None:
@@ -217,6 +242,8 @@ class Lockstep:
             held[lane.name].new = new
             lane.held.update(new)
             lane.stats.ops["begin"] += 1
+            for observer in self.observers:
+                observer.on_begin(lane.name, tokens, list(got.pages), new)
         rid = self.next_rid
         self.next_rid += 1
         self.requests[rid] = (tokens, held)
@@ -309,6 +336,14 @@ class Lockstep:
 
     def _lane(self, name: str) -> Lane:
         return next(l for l in self.lanes if l.name == name)
+
+
+def _culprit(exc: BaseException) -> str:
+    """The module whose code raised ``exc``: the implementation that asserted."""
+    tb = exc.__traceback__
+    while tb and tb.tb_next:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "?") if tb else "?"
 
 
 def _short(values: Sequence[int], limit: int = 12) -> str:

@@ -1,0 +1,118 @@
+"""A ready-made Hypothesis state machine that drives implementations in lockstep.
+
+Use it as zarr's ``zarr.testing`` machines are used: configure a subclass and run its
+``TestCase``::
+
+    from bcr_verify.machine import LockstepMachine
+
+    class MyCacheMachine(LockstepMachine):
+        implementations = ["reference", "my_project.cache:make_cache"]
+        block_size = 16
+
+    TestMyCache = MyCacheMachine.TestCase
+
+No ``@settings`` are fixed here, so ``--hypothesis-profile`` rules example counts and step
+counts. Each rule is one :class:`~bcr_verify.lockstep.Lockstep` operation; the lockstep records
+what actually ran, and when a check fails the machine keeps that record as a
+:class:`~bcr_verify.trace.Trace` (the last one kept is Hypothesis's final, shrunk example).
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
+
+from bcr_verify.errors import VerificationFailure
+from bcr_verify.trace import Trace
+
+
+class LockstepMachine(RuleBasedStateMachine):
+    """Configure by overriding the class attributes below in a subclass."""
+
+    implementations: list[str] = ["reference"]
+    block_size: int = 16
+    workload: str = "mixed"
+    kv_replay: bool = False
+    capacity_pages: int | None = None
+    """Pool size per implementation; None sizes it from the workload so evictions happen."""
+
+    last_failure: Trace | None = None
+    """The trace of the most recent failing example (the shrunk one, once Hypothesis is done)."""
+
+    requests = Bundle("requests")
+
+    def __init__(self):
+        super().__init__()
+        from bcr_verify.session import build_lockstep, prompt_source
+
+        source = prompt_source(self.workload, self.block_size)
+        self._prompts = source.strategy
+        self._capacity = self.capacity_pages or source.capacity_pages
+        self.lockstep = build_lockstep(self.implementations, self.block_size, self._capacity,
+                                       kv_replay=self.kv_replay)
+        self._explicit = any(l.adapter.contract.eviction == "explicit"
+                             for l in self.lockstep.lanes)
+
+    @classmethod
+    def configure(cls, name: str = "ConfiguredLockstepMachine", **attrs) -> type["LockstepMachine"]:
+        """A subclass with ``attrs`` set, e.g. ``configure(implementations=[...], block_size=1)``."""
+        unknown = set(attrs) - {"implementations", "block_size", "workload", "kv_replay",
+                                "capacity_pages"}
+        if unknown:
+            raise TypeError(f"configure() got unknown settings {sorted(unknown)}")
+        return type(name, (cls,), {**attrs, "last_failure": None})
+
+    def _run(self, operation, *args):
+        try:
+            return operation(*args)
+        except VerificationFailure as failure:
+            type(self).last_failure = Trace(
+                implementations=list(self.implementations), block_size=self.block_size,
+                capacity_pages=self._capacity, steps=list(self.lockstep.steps),
+                failure=failure.as_dict(), kv_replay=self.kv_replay,
+                meta={"workload": self.workload, "source": "hypothesis"})
+            raise
+
+    @rule(target=requests, data=st.data())
+    def begin(self, data):
+        rid = self._run(self.lockstep.begin, data.draw(self._prompts, label="tokens"))
+        return multiple() if rid is None else rid
+
+    @rule(rid=consumes(requests))
+    def finish(self, rid):
+        self._run(self.lockstep.finish, rid)
+
+    @rule(rid=consumes(requests))
+    def abort(self, rid):
+        self._run(self.lockstep.abort, rid)
+
+    @rule(data=st.data())
+    def match(self, data):
+        self._run(self.lockstep.match, data.draw(self._prompts, label="tokens"))
+
+    @rule(fraction=st.integers(1, 50))
+    def evict(self, fraction):
+        """Evict ``fraction`` percent of the pool: small asks probe LRU order, large ones churn."""
+        tokens = max(1, self._capacity * self.block_size * fraction // 100)
+        self._run(self.lockstep.evict, tokens)
+
+    @rule(pick=st.integers(0, 10_000))
+    def evict_value(self, pick):
+        if self._explicit:
+            self._run(self.lockstep.evict_value, pick)
+
+    @rule(when=st.integers(0, 9))
+    def reset(self, when):
+        """A flush, drawn rarely: one in ten times this rule fires, so caches can fill."""
+        if when == 0:
+            self._run(self.lockstep.reset)
+
+    @invariant()
+    def invariants_ran(self):
+        # Lockstep.check() runs after every operation; this keeps the count honest in
+        # --hypothesis-show-statistics and fails loudly if checks were switched off.
+        assert self.lockstep.check_every >= 1, "invariant checks are disabled"
+
+    def teardown(self):
+        from bcr_verify.session import TOTALS
+        TOTALS.add(self.lockstep)

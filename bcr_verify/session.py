@@ -1,0 +1,137 @@
+"""The engine's front door: build lanes by name, size pools from workloads, run and report.
+
+The CLI, the pytest plugin and the machine all come through here, so a run from any of them
+is configured, sized and reported the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from hypothesis import strategies as st
+
+from bcr_verify.adapters.registry import resolve
+from bcr_verify.lockstep import Lockstep
+
+
+def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pages: int,
+                   kv_replay: bool = False, check_every: int = 1) -> Lockstep:
+    """Lanes for ``implementations`` (names or ``module:attr``) sharing one configuration."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not implementations:
+        raise ValueError("implementations: name at least one (see `bcr-verify impls`)")
+    adapters = [resolve(name).build(block_size, capacity_pages) for name in implementations]
+    observers = []
+    if kv_replay:
+        from bcr_verify.kv_replay import KVReplay
+        observers.append(KVReplay(block_size))
+    return Lockstep(adapters, check_every=check_every, observers=observers)
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    strategy: st.SearchStrategy
+    pool: tuple[tuple[int, ...], ...]
+    capacity_pages: int
+
+
+@functools.lru_cache(maxsize=None)
+def prompt_source(workload: str, block_size: int, seed: int = 0) -> PromptSource:
+    """Prompts for ``workload`` and a pool size that forces evictions but admits any prompt.
+
+    The pool holds about three of the longest prompts: enough that a request always fits
+    after evicting, few enough that a handful of requests overflow it.
+    """
+    from bcr_verify.strategies import build_workload, load_tokenizer, prompts
+
+    pool = [list(p) for p in build_workload(workload, load_tokenizer(), seed=seed)]
+    longest = max(len(p) for p in pool)
+    capacity = 3 * math.ceil(longest / block_size) + 4
+    return PromptSource(prompts(pool, block_size), tuple(map(tuple, pool)), capacity)
+
+
+@dataclass
+class Totals:
+    """Counts summed over every example a run executed (each example has fresh lanes)."""
+
+    examples: int = 0
+    steps: int = 0
+    operations: Counter = field(default_factory=Counter)
+    rejected_requests: int = 0
+    per_impl: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def add(self, lockstep: Lockstep) -> None:
+        report = lockstep.report()
+        self.examples += 1
+        self.steps += report.pop("steps")
+        self.operations.update(report.pop("operations"))
+        self.rejected_requests += report.pop("rejected_requests")
+        for name, stats in report.pop("implementations").items():
+            mine = self.per_impl.setdefault(name, {"contract": stats["contract"]})
+            for key, value in stats.items():
+                if isinstance(value, (int, float)) and key != "hit_rate":
+                    mine[key] = mine.get(key, 0) + value
+                elif isinstance(value, dict) and key == "ops":
+                    mine.setdefault("ops", Counter()).update(value)
+        for key, value in report.items():  # observers' reports: merge numeric leaves
+            mine = self.extra.setdefault(key, {})
+            for k, v in value.items():
+                if k.startswith("max_"):
+                    mine[k] = max(mine.get(k, v), v)
+                elif isinstance(v, (int, float)):
+                    mine[k] = mine.get(k, 0) + v
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def as_dict(self) -> dict:
+        impls = {}
+        for name, stats in self.per_impl.items():
+            stats = dict(stats)
+            stats["ops"] = dict(stats.get("ops", {}))
+            lookups = stats.get("lookup_tokens", 0)
+            stats["hit_rate"] = round(stats.get("hit_tokens", 0) / lookups, 4) if lookups else 0.0
+            impls[name] = stats
+        return {"examples": self.examples, "steps": self.steps,
+                "operations": dict(self.operations), "rejected_requests": self.rejected_requests,
+                "implementations": impls, **self.extra}
+
+
+TOTALS = Totals()
+
+
+def vacuity_warnings(totals: dict, implementations: dict[str, str]) -> list[str]:
+    """Why a pass might mean little: no hits, no evictions, implementations not run."""
+    warnings = [f"{name} was not run: {why}" for name, why in implementations.items()]
+    for name, stats in totals.get("implementations", {}).items():
+        if not stats.get("hits"):
+            warnings.append(f"{name}: zero cache hits, so matching was never exercised")
+        if not stats.get("evictions"):
+            warnings.append(f"{name}: zero evictions, so eviction was never exercised")
+    if not totals.get("steps"):
+        warnings.append("no steps ran")
+    return warnings
+
+
+def progress_printer(stream=sys.stderr) -> Callable[[str], None]:
+    """One updating line on a terminal, plain lines otherwise (CI logs)."""
+    tty = stream.isatty()
+    last = [0.0]
+
+    def show(text: str, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - last[0] < (0.2 if tty else 10):
+            return
+        last[0] = now
+        stream.write(("\r\033[K" + text + ("\n" if final else "")) if tty else text + "\n")
+        stream.flush()
+
+    return show
