@@ -20,7 +20,9 @@ what actually ran, and when a check fails the machine keeps that record as a
 from __future__ import annotations
 
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
+from hypothesis.stateful import (
+    Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule,
+)
 
 from bcr_verify.errors import VerificationFailure
 from bcr_verify.trace import Trace
@@ -35,6 +37,8 @@ class LockstepMachine(RuleBasedStateMachine):
     kv_replay: bool = False
     capacity_pages: int | None = None
     """Pool size per implementation; None sizes it from the workload so evictions happen."""
+    max_running: int = 3
+    """Requests running at once; more would pin most of a small pool and starve the cache."""
 
     last_failure: Trace | None = None
     """The trace of the most recent failing example (the shrunk one, once Hypothesis is done)."""
@@ -57,7 +61,7 @@ class LockstepMachine(RuleBasedStateMachine):
     def configure(cls, name: str = "ConfiguredLockstepMachine", **attrs) -> type["LockstepMachine"]:
         """A subclass with ``attrs`` set, e.g. ``configure(implementations=[...], block_size=1)``."""
         unknown = set(attrs) - {"implementations", "block_size", "workload", "kv_replay",
-                                "capacity_pages"}
+                                "capacity_pages", "max_running"}
         if unknown:
             raise TypeError(f"configure() got unknown settings {sorted(unknown)}")
         return type(name, (cls,), {**attrs, "last_failure": None})
@@ -73,18 +77,29 @@ class LockstepMachine(RuleBasedStateMachine):
                 meta={"workload": self.workload, "source": "hypothesis"})
             raise
 
+    @rule(data=st.data())
+    def serve(self, data):
+        """A request that runs to completion at once: the common case, and what fills caches."""
+        rid = self._run(self.lockstep.begin, data.draw(self._prompts, label="tokens"))
+        if rid is not None:
+            self._run(self.lockstep.finish, rid)
+
+    @precondition(lambda self: len(self.lockstep.requests) < self.max_running)
     @rule(target=requests, data=st.data())
     def begin(self, data):
+        """A request that stays running, its prefix locked, until a later finish or abort."""
         rid = self._run(self.lockstep.begin, data.draw(self._prompts, label="tokens"))
         return multiple() if rid is None else rid
 
     @rule(rid=consumes(requests))
     def finish(self, rid):
-        self._run(self.lockstep.finish, rid)
+        if rid in self.lockstep.requests:  # a flush since it began ended it already
+            self._run(self.lockstep.finish, rid)
 
     @rule(rid=consumes(requests))
     def abort(self, rid):
-        self._run(self.lockstep.abort, rid)
+        if rid in self.lockstep.requests:
+            self._run(self.lockstep.abort, rid)
 
     @rule(data=st.data())
     def match(self, data):

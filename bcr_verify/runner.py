@@ -58,7 +58,7 @@ class RunResult:
         return {
             "ok": self.ok, "implementations": self.implementations, "not_run": self.not_run,
             "block_size": self.config.block_size, "seed": self.config.seed,
-            "workload": self.config.workload, "kv_replay": self.config.kv_replay,
+            "workload": self.config.workload, "kv_replay_enabled": self.config.kv_replay,
             "seconds": round(self.seconds, 2),
             "steps_per_second": round(self.totals.get("steps", 0) / self.seconds, 1)
             if self.seconds else 0.0,

