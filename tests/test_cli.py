@@ -1,0 +1,69 @@
+"""The command line as a user meets it: exit codes, reports, traces, usage errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
+    return subprocess.run([sys.executable, "-m", "bcr_verify.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_impls_lists_every_adapter_with_availability_and_reason():
+    out = cli("impls", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    for name in ("reference", "sglang-radix", "sglang-unified-py", "sglang-unified-rust"):
+        assert rows[name]["available"], rows[name]
+    assert not rows["bcr"]["available"] and "bcr_cache" in rows["bcr"]["reason"]
+
+
+def test_run_catches_a_broken_module_attr_cache_and_prints_a_replayable_trace(tmp_path):
+    out = cli("run", "--impl", "reference", "--impl", "broken_caches:off_by_one_match",
+              "--block-size", "1", "--quiet", "--trace-dir", str(tmp_path / "traces"),
+              "--json", str(tmp_path / "report.json"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "divergence in broken_caches:off_by_one_match" in out.stdout
+    assert "<-- match" in out.stdout
+    reproduce = [line for line in out.stdout.splitlines() if line.startswith("reproduce with:")]
+    assert reproduce, out.stdout
+    trace = reproduce[0].split("replay ", 1)[1]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is False and report["failure"]["check"] == "match"
+    again = cli("replay", trace)
+    assert again.returncode == 1 and "FAILS" in again.stdout
+    fixed = cli("replay", trace, "--impl", "reference", "--impl", "sglang-radix")
+    assert fixed.returncode == 0 and "replayed cleanly" in fixed.stdout
+
+
+def test_run_json_counts_hits_and_evictions(tmp_path):
+    out = cli("run", "--impl", "reference", "--impl", "sglang-unified-rust", "--max-steps",
+              "200", "--quiet", "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["steps"] >= 200
+    for stats in report["implementations"].values():
+        assert stats["hits"] > 0 and stats["evictions"] > 0
+    assert "PASS" in out.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "--block-size", "0"], "--block-size must be >= 1"),
+    (["run", "--max-steps", "x"], "--max-steps must be an integer"),
+    (["run", "--impl", "nope"], "impl 'nope' is unknown"),
+    (["run", "--impl", "bcr"], "impl 'bcr' is unavailable"),
+    (["run", "--workload", "nope", "--impl", "reference"], "workload"),
+    (["replay", "missing.json"], "no such file"),
+])
+def test_bad_input_is_a_usage_error_naming_the_argument(args, words):
+    out = cli(*args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert words in out.stderr
