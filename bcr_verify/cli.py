@@ -96,6 +96,20 @@ def cmd_impls(args) -> int:
     return 0
 
 
+def cmd_tokenizer(args) -> int:
+    from bcr_verify.strategies import load_texts, load_tokenizer, prefix_stability
+
+    tokenizer = load_tokenizer()
+    texts = [t for family in ("system", "few_shot", "documents", "questions", "replies")
+             for t in load_texts(family)]
+    report = {"path": str(tokenizer.path), "sha256": tokenizer.sha256,
+              "vocab_size": tokenizer.vocab_size,
+              "bpe_prefix_stability": prefix_stability(tokenizer, texts, samples=args.samples,
+                                                       seed=args.seed)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_run(args) -> int:
     from bcr_verify.runner import RunConfig, run, write_json
     from bcr_verify.session import progress_printer
@@ -179,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--workloads", action="store_true", help="list workload families instead")
     p.set_defaults(func=cmd_impls)
+
+    p = sub.add_parser("tokenizer", help="the real tokenizer in use, and how often BPE breaks "
+                       "text prefixes (tokenize(A) not a prefix of tokenize(A+B))")
+    p.add_argument("--samples", type=_positive_int("--samples"), default=500,
+                   help="cut points to sample (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("run", help="lockstep verification under Hypothesis, with a report",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)

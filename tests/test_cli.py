@@ -67,3 +67,12 @@ def test_bad_input_is_a_usage_error_naming_the_argument(args, words):
     out = cli(*args)
     assert out.returncode == 2, out.stdout + out.stderr
     assert words in out.stderr
+
+
+def test_tokenizer_reports_the_bpe_prefix_effect():
+    out = cli("tokenizer", "--samples", "200")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["sha256"].startswith("f7c9b2db")
+    assert report["bpe_prefix_stability"]["random_cuts"]["prefix_share"] < 0.9
+    assert report["bpe_prefix_stability"]["special_token_cuts"]["prefix_share"] == 1.0

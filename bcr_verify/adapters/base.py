@@ -26,9 +26,11 @@ class Contract:
     ``may_over_evict``: whole radix nodes go at once, so more than asked may be freed.
     ``reports_sizes``: the cache reports evictable / protected token counts to compare.
     ``self_check``: how its structure is checked after every mutation.
+    ``values``: what the cache stores per block, before the adapter turns it into a page id.
     """
 
     block_size: int
+    values: str
     eviction: Literal["lru", "explicit"]
     may_over_evict: bool
     reports_sizes: bool

@@ -33,6 +33,7 @@ class BCRApiAdapter(CacheAdapter):
         self.pool = PagePool(capacity_pages)
         self.contract = Contract(
             block_size=block_size,
+            values="one opaque value per block (a page id)",
             eviction=eviction,
             may_over_evict=False,
             reports_sizes=hasattr(self.cache, "evictable_tokens"),

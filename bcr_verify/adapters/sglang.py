@@ -120,7 +120,8 @@ class SGLangAdapter(CacheAdapter):
         self.allocator = RecordingAllocator(block_size, capacity_pages)
         self.cache = self._build()
         self.contract = Contract(
-            block_size=block_size, eviction="lru", may_over_evict=True, reports_sizes=True,
+            block_size=block_size, values="int64 tensor of KV slot indices, page-aligned",
+            eviction="lru", may_over_evict=True, reports_sizes=True,
             self_check="sanity_check()" if self.unified else "external walker (bcr_verify.walker)")
 
     def _build(self):
