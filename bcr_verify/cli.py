@@ -34,28 +34,28 @@ class UsageError(Exception):
     pass
 
 
-def _positive_int(name):
+def _positive(convert, name):
+    """An argparse type: ``convert`` the text, then insist on a value above zero."""
+    kind = "an integer" if convert is int else "a number"
+
     def parse(text):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}" if convert is int
+                                             else f"{name} must be > 0, got {value}")
         return value
     return parse
+
+
+def _positive_int(name):
+    return _positive(int, name)
 
 
 def _positive_float(name):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {value}")
-        return value
-    return parse
+    return _positive(float, name)
 
 
 def add_impl_args(parser: argparse.ArgumentParser) -> None:
