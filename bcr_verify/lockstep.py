@@ -79,6 +79,9 @@ class Observer:
     def on_begin(self, lane: str, tokens: list[int], matched: list[int], new: list[int]) -> None:
         """Called once per lane when a request has its prefix locked and its pages allocated."""
 
+    def on_match(self, lane: str, tokens: list[int], matched: list[int]) -> None:
+        """Called once per lane for a plain lookup, with the pages it matched."""
+
     def on_reset(self, lane: str) -> None:
         """Called when a lane's cache and allocator are emptied."""
 
@@ -126,7 +129,12 @@ class Lockstep:
     def match(self, tokens: Sequence[int]) -> None:
         """A lookup with no lock (a router's probe, or a scheduler ranking its queue)."""
         tokens = list(tokens)
-        self._step("match", {"tokens": tokens}, lambda: [self._match(l, tokens) for l in self.lanes])
+        def run():
+            for lane in self.lanes:
+                got = self._match(lane, tokens)
+                for observer in self.observers:
+                    observer.on_match(lane.name, tokens, list(got.pages))
+        self._step("match", {"tokens": tokens}, run)
 
     def evict(self, num_tokens: int) -> None:
         """Free at least ``num_tokens`` tokens: LRU caches choose, explicit caches are told."""

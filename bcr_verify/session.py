@@ -31,8 +31,15 @@ def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pag
     observers = []
     if kv_replay:
         from bcr_verify.kv_replay import KVReplay
-        observers.append(KVReplay(block_size))
+        observers.append(KVReplay(block_size, model=_replay_model()))
     return Lockstep(adapters, check_every=check_every, observers=observers)
+
+
+@functools.lru_cache(maxsize=1)
+def _replay_model():
+    """One tiny model per process: every example's replay shares it and its recompute cache."""
+    from bcr_verify.kv_replay import ReplayModel
+    return ReplayModel()
 
 
 @dataclass(frozen=True)
@@ -81,16 +88,28 @@ class Totals:
                     mine[key] = mine.get(key, 0) + value
                 elif isinstance(value, dict) and key == "ops":
                     mine.setdefault("ops", Counter()).update(value)
-        for key, value in report.items():  # observers' reports: merge numeric leaves
+        for key, value in report.items():  # observers' sections: counts add, maxima max
             mine = self.extra.setdefault(key, {})
             for k, v in value.items():
-                if k.startswith("max_"):
-                    mine[k] = max(mine.get(k, v), v)
-                elif isinstance(v, (int, float)):
+                if k.startswith("max_") and v is not None:
+                    mine[k] = v if mine.get(k) is None else max(mine[k], v)
+                elif k in SUMMED and v is not None:
                     mine[k] = mine.get(k, 0) + v
+                else:
+                    mine[k] = v
 
     def reset(self) -> None:
         self.__init__()
+
+    def _observer_sections(self) -> dict:
+        out = {}
+        for key, section in self.extra.items():
+            section = dict(section)
+            if section.get("replayed") and "check_seconds" in section:
+                section["ms_per_replay"] = round(1000 * section["check_seconds"] /
+                                                 section["replayed"], 3)
+            out[key] = section
+        return out
 
     def as_dict(self) -> dict:
         impls = {}
@@ -102,8 +121,12 @@ class Totals:
             impls[name] = stats
         return {"examples": self.examples, "steps": self.steps,
                 "operations": dict(self.operations), "rejected_requests": self.rejected_requests,
-                "implementations": impls, **self.extra}
+                "implementations": impls, **self._observer_sections()}
 
+
+SUMMED = {"hits", "replayed", "skipped", "failures", "replayed_tokens", "written_tokens",
+          "seconds", "check_seconds"}
+"""Observer report fields that are per-example counts; others are settings or running totals."""
 
 TOTALS = Totals()
 
