@@ -155,30 +155,90 @@ def print_report(report: dict) -> None:
 
 
 def cmd_replay(args) -> int:
+    """Replay each trace without Hypothesis; exit 1 if any still fails, 2 if one is unreadable."""
+    from bcr_verify.errors import AdapterUnavailable
     from bcr_verify.trace import Trace, replay
 
     worst = 0
     for path in args.traces:
         trace = Trace.load(path)
-        failure, lockstep = replay(trace, implementations=args.impls)
+        try:
+            failure, lockstep = replay(trace, implementations=args.impls)
+        except AdapterUnavailable as exc:
+            print(f"== {path}\nNOT RUN: {exc}")
+            worst = max(worst, 2)
+            continue
         print(f"== {path}")
-        print(side_by_side(trace, lockstep))
+        print(side_by_side(trace, lockstep, implementations=args.impls))
         if failure is None:
-            print("replayed cleanly: no divergence (fixed, or run on other implementations)")
+            print("PASS: replayed cleanly, no divergence (fixed, or run on other implementations)")
         else:
             print(f"FAILS: {failure}")
-            worst = 1
+            worst = max(worst, 1)
     return worst
 
 
-def side_by_side(trace, lockstep) -> str:
-    """Each replayed step, then per implementation what it matched for steps that look up."""
-    lines = [trace.render()]
-    names = [lane.name for lane in lockstep.lanes]
-    lines.append("per implementation after replay: " + "; ".join(
-        f"{lane.name}: {len(lane.shadow)} blocks cached, {lane.adapter.available_pages()} pages "
-        f"free" for lane in lockstep.lanes))
-    return "\n".join(lines) if names else lines[0]
+def side_by_side(trace, lockstep=None, implementations=None) -> str:
+    """The trace's steps, one row each, with one column per implementation.
+
+    Replays ``trace`` afresh (deterministic) to see what each implementation did at each step:
+    for lookups the tokens matched and the last pages, otherwise cached blocks / free pages.
+    The step that failed, and the implementation that failed it, are marked.
+    """
+    from bcr_verify.errors import VerificationFailure
+    from bcr_verify.session import build_lockstep
+
+    names = list(implementations or trace.implementations)
+    replayed = build_lockstep(names, trace.block_size, trace.capacity_pages,
+                              kv_replay=trace.kv_replay)
+    seen: dict[str, tuple[int, list[int]]] = {}
+    for lane in replayed.lanes:
+        def spy(tokens, _match=lane.adapter.match, _name=lane.name):
+            got = _match(tokens)
+            seen[_name] = (got.length, list(got.pages))
+            return got
+        lane.adapter.match = spy
+    header = [f"# block size {trace.block_size} | capacity {trace.capacity_pages} pages"]
+    rows = [["step", "operation", *[lane.name for lane in replayed.lanes]]]
+    failure = None
+    for i, step in enumerate(trace.steps):
+        seen.clear()
+        try:
+            replayed.apply(step)
+        except VerificationFailure as exc:
+            failure = exc
+        cells = []
+        for lane in replayed.lanes:
+            if lane.name in seen:
+                length, pages = seen[lane.name]
+                tail = ",".join(map(str, pages[-3:]))
+                cell = f"{length} tok [..{tail}]" if pages else f"{length} tok"
+            else:
+                cell = f"{len(lane.shadow)} cached/{lane.adapter.available_pages()} free"
+            if failure is not None and failure.impl == lane.name:
+                cell = f"FAIL {failure.check}: {cell}"
+            cells.append(cell)
+        rows.append([str(i), _step_text(step), *cells])
+        if failure is not None:
+            break
+    widths = [min(48, max(len(r[c]) for r in rows)) for c in range(len(rows[0]))]
+    lines = header + ["  ".join(cell[:w].ljust(w) for cell, w in zip(row, widths)).rstrip()
+                      for row in rows]
+    if failure is not None:
+        lines.append(f"# {failure.kind} in {failure.impl} at step {failure.step} "
+                     f"[{failure.check}]: {failure.detail}")
+    elif len(trace.steps) + 1 != len(rows):
+        lines.append("# stopped early")
+    return "\n".join(lines)
+
+
+def _step_text(step: dict) -> str:
+    args = []
+    for key, value in step.get("args", {}).items():
+        if key == "tokens" and isinstance(value, list):
+            value = f"<{len(value)} tok>"
+        args.append(f"{key}={value}")
+    return f"{step['op']}({', '.join(args)})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -224,9 +224,12 @@ class Lockstep:
         want_len, want_pages = lane.shadow.match_prefix(tokens)
         got = lane.adapter.match(tokens)
         if (got.length, list(got.pages)) != (want_len, want_pages):
+            at = next((i for i, (g, w) in enumerate(zip(got.pages, want_pages)) if g != w),
+                      min(len(got.pages), len(want_pages)))
             raise lane.diverge(
-                "match", f"matched {got.length} tokens with pages {_short(got.pages)}, "
-                f"model: {want_len} tokens with pages {_short(want_pages)}")
+                "match", f"matched {got.length} tokens with pages {_short(got.pages, at)}, "
+                f"model: {want_len} tokens with pages {_short(want_pages, at)}; first difference "
+                f"at block {at}")
         lane.stats.lookups += 1
         lane.stats.lookup_tokens += len(tokens)
         lane.stats.hits += want_len > 0
@@ -354,8 +357,13 @@ def _culprit(exc: BaseException) -> str:
     return tb.tb_frame.f_globals.get("__name__", "?") if tb else "?"
 
 
-def _short(values: Sequence[int], limit: int = 12) -> str:
+def _short(values: Sequence[int], around: int = 0, limit: int = 12) -> str:
+    """``values`` in one short line, always showing the part near index ``around``."""
     values = list(values)
     if len(values) <= limit:
         return str(values)
-    return f"[{', '.join(map(str, values[:limit]))}, ... ({len(values)} in all)]"
+    start = max(0, min(around - limit // 2, len(values) - limit))
+    head = "..., " if start else ""
+    tail = ", ..." if start + limit < len(values) else ""
+    shown = ", ".join(map(str, values[start:start + limit]))
+    return f"[{head}{shown}{tail}] ({len(values)} in all, from index {start})"

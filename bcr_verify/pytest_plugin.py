@@ -1,0 +1,304 @@
+"""bcr_verify's pytest plugin (entry point ``pytest11: bcr_verify``), loaded automatically.
+
+* Hypothesis settings profiles, registered when this module is imported (Hypothesis applies
+  ``--hypothesis-profile`` in its own ``pytest_configure``, after plugin modules are imported):
+
+  ``dev``   quick: 20 examples of at most 20 steps.
+  ``ci``    replaces Hypothesis's built-in ``ci`` profile (which it loads by itself when the
+            ``CI`` environment variable is set) with the same intent: derandomized, no example
+            database, no deadline, ``print_blob``; 100 examples of at most 50 steps.
+  ``soak``  long examples (at most 200 steps); lockstep tests repeat Hypothesis runs (rounds
+            of at most 200 examples, sized from the time per example) until the soak budget
+            (``--bcr-soak-minutes``, default 10) is spent; see :func:`bcr_verify.testing.run_lockstep`.
+  ``crosshair``  Hypothesis's CrossHair backend; registered only when hypothesis-crosshair is
+            importable, otherwise asking for it is a usage error saying what to install.
+
+  No test here fixes ``max_examples``: the profile rules.
+
+* Options (group "bcr-verify"), each with an ini-file key: ``--bcr-impl`` / ``bcr_impls``,
+  ``--bcr-block-size`` / ``bcr_block_sizes``, ``--bcr-workload`` / ``bcr_workload``,
+  ``--bcr-kv-replay`` / ``bcr_kv_replay``, ``--bcr-corpus`` / ``bcr_corpus``,
+  ``--bcr-soak-minutes`` / ``bcr_soak_minutes``; ``--bcr-replay-corpus`` also collects the
+  corpus directory's traces.
+
+* Fixtures: ``bcr_options``, ``bcr_tokenizer``, ``bcr_workload``, ``bcr_prompts``,
+  ``bcr_adapter_factory``, ``bcr_corpus_dir``.
+
+* Trace files (``*.json`` in the ``bcr-verify-trace/1`` format) under the corpus directory are
+  collected as regression tests and replayed through :func:`bcr_verify.trace.replay`, without
+  the Hypothesis engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SOAK_DEFAULT_MINUTES = 10.0
+_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+_NO_EXPLAIN = [p for p in Phase if p is not Phase.explain]  # explain costs ~10 s per failure
+
+settings.register_profile("dev", max_examples=20, stateful_step_count=20, deadline=None,
+                          phases=_NO_EXPLAIN, suppress_health_check=_SLOW)
+settings.register_profile("ci", max_examples=100, stateful_step_count=50, deadline=None,
+                          derandomize=True, database=None, print_blob=True,
+                          phases=_NO_EXPLAIN, suppress_health_check=_SLOW)
+settings.register_profile("soak", max_examples=200, stateful_step_count=200, deadline=None,
+                          print_blob=True, suppress_health_check=_SLOW)
+
+
+def crosshair_available() -> bool:
+    try:
+        import hypothesis_crosshair_provider  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if crosshair_available():  # registering backend="crosshair" without it breaks every run
+    settings.register_profile("crosshair", backend="crosshair", max_examples=50,
+                              stateful_step_count=20, deadline=None, database=None,
+                              suppress_health_check=list(HealthCheck))
+
+
+@dataclass
+class BcrOptions:
+    """The plugin's options after command line > ini file > defaults."""
+
+    implementations: list[str] = field(default_factory=list)
+    block_sizes: list[int] = field(default_factory=list)
+    workload: str | None = None
+    kv_replay: bool | None = None
+    corpus: Path = Path("corpus/traces")
+    soak_minutes: float | None = None
+    profile: str = "default"
+    seed: object = None
+    soak_reports: list[str] = field(default_factory=list)
+
+    @property
+    def soak_budget_s(self) -> float | None:
+        """Seconds a soak may run, or None when no soak is asked for (one ordinary run)."""
+        if self.soak_minutes is not None:
+            return 60.0 * self.soak_minutes
+        if self.profile == "soak":
+            return 60.0 * SOAK_DEFAULT_MINUTES
+        return None
+
+
+_CURRENT: BcrOptions | None = None
+
+
+def current_options() -> BcrOptions:
+    """The running session's options (defaults when the plugin is not active)."""
+    return _CURRENT or BcrOptions()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("bcr-verify", "bcr_verify prefix-cache verification")
+    group.addoption("--bcr-impl", action="append", dest="bcr_impls", metavar="NAME",
+                    help="extra implementation to run in lockstep: a name from `bcr-verify "
+                         "impls` or module:attr (repeatable; ini: bcr_impls)")
+    group.addoption("--bcr-block-size", action="append", dest="bcr_block_sizes", type=int,
+                    metavar="N", help="block size(s) to test (repeatable; ini: bcr_block_sizes)")
+    group.addoption("--bcr-workload", dest="bcr_workload", metavar="NAME",
+                    help="prompt workload family (ini: bcr_workload; default: the suite's own)")
+    group.addoption("--bcr-kv-replay", dest="bcr_kv_replay", action="store_true", default=None,
+                    help="replay the KV behind every match through a tiny model (ini: "
+                         "bcr_kv_replay)")
+    group.addoption("--bcr-no-kv-replay", dest="bcr_kv_replay", action="store_false",
+                    help="no KV replay, whatever the ini file says")
+    group.addoption("--bcr-corpus", dest="bcr_corpus", metavar="DIR",
+                    help="where failing traces are written and collected from (ini: bcr_corpus;"
+                         " default corpus/traces under the rootdir)")
+    group.addoption("--bcr-replay-corpus", dest="bcr_replay_corpus", action="store_true",
+                    help="also collect and replay every trace in the corpus directory")
+    group.addoption("--bcr-soak-minutes", dest="bcr_soak_minutes", type=float, metavar="M",
+                    help="time budget of a soak: lockstep tests repeat rounds until it is spent"
+                         f" (ini: bcr_soak_minutes; default {SOAK_DEFAULT_MINUTES:g} with "
+                         "--hypothesis-profile soak, otherwise no soak)")
+    parser.addini("bcr_impls", "extra implementations to run in lockstep", type="linelist",
+                  default=[])
+    parser.addini("bcr_block_sizes", "block sizes to test", type="args", default=[])
+    parser.addini("bcr_workload", "prompt workload family", default="")
+    parser.addini("bcr_kv_replay", "KV replay on or off", type="bool", default=False)
+    parser.addini("bcr_corpus", "trace corpus directory (relative to the rootdir)", default="")
+    parser.addini("bcr_soak_minutes", "soak time budget in minutes", default="")
+
+
+def _options(config) -> BcrOptions:
+    get = config.getoption
+    sizes = get("bcr_block_sizes") or [int(x) for x in config.getini("bcr_block_sizes")]
+    bad = [s for s in sizes if s < 1]
+    if bad:
+        raise pytest.UsageError(f"--bcr-block-size must be >= 1, got {bad[0]}")
+    corpus = get("bcr_corpus") or config.getini("bcr_corpus")
+    corpus = Path(corpus) if corpus else Path(config.rootpath) / "corpus" / "traces"
+    if not corpus.is_absolute():
+        corpus = (Path(config.rootpath) / corpus if not get("bcr_corpus")
+                  else Path(config.invocation_params.dir) / corpus)
+    minutes = get("bcr_soak_minutes")
+    if minutes is None and config.getini("bcr_soak_minutes"):
+        try:
+            minutes = float(config.getini("bcr_soak_minutes"))
+        except ValueError:
+            raise pytest.UsageError("ini bcr_soak_minutes must be a number") from None
+    if minutes is not None and minutes <= 0:
+        raise pytest.UsageError(f"--bcr-soak-minutes must be > 0, got {minutes}")
+    kv = get("bcr_kv_replay")
+    return BcrOptions(
+        implementations=list(get("bcr_impls") or config.getini("bcr_impls")),
+        block_sizes=sizes, workload=get("bcr_workload") or config.getini("bcr_workload") or None,
+        kv_replay=kv if kv is not None else (config.getini("bcr_kv_replay") or None),
+        corpus=corpus.resolve(), soak_minutes=minutes,
+        profile=get("hypothesis_profile", None) or "default",
+        seed=get("hypothesis_seed", None))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    global _CURRENT
+    profile = config.getoption("hypothesis_profile", None)
+    if profile == "crosshair" and "crosshair" not in settings._profiles:
+        raise pytest.UsageError(
+            "--hypothesis-profile crosshair needs the hypothesis-crosshair backend, which is "
+            "not installed here: pip install hypothesis-crosshair (it pulls crosshair-tool)")
+    _CURRENT = _options(config)
+    config.addinivalue_line("markers", "bcr_trace: a replayed bcr_verify trace file")
+    if config.getoption("bcr_replay_corpus") and _CURRENT.corpus.is_dir():
+        config.args.append(str(_CURRENT.corpus))
+
+
+def pytest_unconfigure(config):
+    global _CURRENT
+    _CURRENT = None
+
+
+def pytest_generate_tests(metafunc):
+    """Lockstep tests of a conformance class run once per block size."""
+    if "bcr_block_size" in metafunc.fixturenames:
+        cls = metafunc.cls
+        sizes = (current_options().block_sizes or list(getattr(cls, "block_sizes", None) or [])
+                 or [16])
+        metafunc.parametrize("bcr_block_size", sizes, ids=[f"bs{s}" for s in sizes])
+
+
+def pytest_terminal_summary(terminalreporter):
+    opts = current_options()
+    if opts.soak_reports:
+        terminalreporter.section("bcr-verify soak")
+        for line in opts.soak_reports:
+            terminalreporter.write_line(line)
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="session")
+def bcr_options(pytestconfig) -> BcrOptions:
+    return current_options()
+
+
+@pytest.fixture(scope="session")
+def bcr_corpus_dir(bcr_options) -> Path:
+    return bcr_options.corpus
+
+
+@pytest.fixture(scope="session")
+def bcr_tokenizer():
+    """The real Qwen2 tokenizer that workloads are built with."""
+    from bcr_verify.strategies import load_tokenizer
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bcr_workload(bcr_options, bcr_tokenizer) -> list[list[int]]:
+    """The prompt pool of ``--bcr-workload`` (default ``mixed``), as token id lists."""
+    from bcr_verify.strategies import build_workload
+    return [list(p) for p in build_workload(bcr_options.workload or "mixed", bcr_tokenizer)]
+
+
+@pytest.fixture(scope="session")
+def bcr_prompts(bcr_options):
+    """A Hypothesis strategy of prompts from the workload, at the first block size."""
+    from bcr_verify.session import prompt_source
+    size = (bcr_options.block_sizes or [16])[0]
+    return prompt_source(bcr_options.workload or "mixed", size).strategy
+
+
+@pytest.fixture(scope="session")
+def bcr_adapter_factory():
+    """``factory(name_or_module_attr, block_size, capacity_pages) -> CacheAdapter``."""
+    from bcr_verify.adapters.registry import resolve
+
+    def build(name: str, block_size: int = 16, capacity_pages: int = 256):
+        return resolve(name).build(block_size, capacity_pages)
+    return build
+
+
+# ------------------------------------------------------------------ trace corpus replay
+
+def _is_trace(path: Path) -> bool:
+    if path.suffix != ".json" or path.name.startswith("."):
+        return False
+    try:
+        with open(path) as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return '"bcr-verify-trace/' in head
+
+
+def pytest_collect_file(file_path, parent):
+    opts = current_options()
+    try:
+        in_corpus = file_path.resolve().is_relative_to(opts.corpus)
+    except OSError:
+        in_corpus = False
+    if in_corpus and _is_trace(file_path):
+        return TraceFile.from_parent(parent, path=file_path)
+    return None
+
+
+class TraceFile(pytest.File):
+    def collect(self):
+        yield TraceItem.from_parent(self, name="replay")
+
+
+class TraceReplayFailed(Exception):
+    pass
+
+
+class TraceItem(pytest.Item):
+    """One saved trace, replayed deterministically: fails while the divergence reproduces."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_marker("bcr_trace")
+
+    def runtest(self):
+        from bcr_verify.cli import side_by_side
+        from bcr_verify.errors import AdapterUnavailable
+        from bcr_verify.trace import Trace, replay
+
+        trace = Trace.load(self.path)
+        try:
+            failure, lockstep = replay(trace)
+        except AdapterUnavailable as exc:
+            pytest.skip(f"trace {self.path.name}: an implementation cannot be built here: {exc}")
+        if failure is not None:
+            raise TraceReplayFailed(f"{failure}\n\n{side_by_side(trace, lockstep)}")
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, TraceReplayFailed):
+            return f"trace still fails when replayed:\n{excinfo.value}"
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"replay {self.path.name}"

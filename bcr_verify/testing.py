@@ -1,0 +1,431 @@
+"""A conformance suite a prefix-cache project subclasses to test its own cache::
+
+    from bcr_verify.testing import PrefixCacheConformance
+    from my_project.cache import make_cache       # make_cache(block_size) -> cache
+
+    class TestMyCache(PrefixCacheConformance):
+        make_cache = staticmethod(make_cache)
+
+``make_cache`` (or ``implementation = "pkg.module:factory"``, or a name registered under the
+``bcr_verify.adapters`` entry-point group) builds either a
+:class:`~bcr_verify.adapters.CacheAdapter` or an object with BCR-memory-2's API
+(``insert`` / ``match_prefix`` / ``evict`` / ``acquire`` / ``release`` / ``assert_invariants``).
+
+Tests (needs the ``bcr_verify`` pytest plugin, which pip-installing bcr_verify auto-loads):
+
+* ``test_lockstep[bsN]``: :class:`~bcr_verify.machine.LockstepMachine` drives the reference
+  model and your cache (plus any ``--bcr-impl``) in lockstep, one run per block size. It is a
+  Hypothesis test, so ``--hypothesis-profile`` rules its size and ``--hypothesis-show-statistics``
+  shows the machine's rules. The final shrunk failure's trace is written to the corpus directory
+  before the test reports (also on Ctrl-C). Under a soak budget it repeats rounds until spent.
+* ``test_bounded_state_under_churn``: insert/evict churn leaves nothing behind (no growth of the
+  cache's own size or of Python heap traced by ``tracemalloc``): BCR v1's leak.
+* ``test_block_hash_collisions``: 100,000 distinct blocks (repeated block contents under
+  different parents and positions included) are each matched to their own value; if the class
+  gives ``block_hashes(tokens, block_size)``, those hashes are also checked for collisions.
+* ``test_match_cost_fanout``: the cost of a match below a node with 4096 children over one with
+  8 children; a ratio near 512 is a linear scan (the limit is 4). A ratio, never a wall-clock limit.
+* ``test_single_writer``: several threads mutate one cache through :class:`SingleWriter` (a lock
+  that refuses reentry instead of deadlocking); invariants hold and each thread reads back its
+  own blocks. ``test_reentrant_mutation_refused``: where the class declares how to hook a
+  callback into a mutation, a mutation from inside it must be refused and change nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import sys
+import threading
+import time
+import tracemalloc
+from typing import Any, Callable, ClassVar
+
+import pytest
+
+from hypothesis import event
+
+from bcr_verify.machine import LockstepMachine
+
+__all__ = ["PrefixCacheConformance", "ReentrantMutationError", "SingleWriter", "run_lockstep"]
+
+
+class ReentrantMutationError(RuntimeError):
+    """A mutation was started on a single-writer cache while one was already running."""
+
+
+class SingleWriter:
+    """Wrap a cache so that one thread mutates it at a time, and reentry is refused.
+
+    Every call of a cache method goes through one lock (``match_prefix`` counts: it refreshes
+    LRU state). A call made while the same thread is already inside one raises
+    :class:`ReentrantMutationError` instead of deadlocking.
+    """
+
+    def __init__(self, cache: Any):
+        self._cache = cache
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._cache, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            if self._owner == threading.get_ident():
+                raise ReentrantMutationError(f"{name}() called while this thread is inside "
+                                             "another call on the same single-writer cache")
+            with self._lock:
+                self._owner = threading.get_ident()
+                try:
+                    return attr(*args, **kwargs)
+                finally:
+                    self._owner = None
+        return call
+
+
+
+
+def _machine_class(implementations, block_size, workload, kv_replay, capacity_pages=None):
+    attrs = dict(implementations=implementations, block_size=block_size, kv_replay=kv_replay)
+    if workload:
+        attrs["workload"] = workload
+    if capacity_pages:
+        attrs["capacity_pages"] = capacity_pages
+    base = LockstepMachine.configure("ConformanceMachine", **attrs)
+
+    class ConformanceMachine(base):
+        examples = 0
+
+        def _run(self, operation, *args):
+            event(f"rule: {sys._getframe(1).f_code.co_name}")  # the rule that ran it
+            return super()._run(operation, *args)
+
+        def teardown(self):
+            type(self).examples += 1
+            super().teardown()
+
+    ConformanceMachine.__name__ = ConformanceMachine.__qualname__ = (
+        f"LockstepMachine_bs{block_size}")
+    return ConformanceMachine
+
+
+def run_lockstep(implementations: list[str], block_size: int, *, workload: str | None = None,
+                 kv_replay: bool = False, corpus=None, soak_budget_s: float | None = None,
+                 seed=None, capacity_pages: int | None = None, label: str = "") -> dict:
+    """Run the lockstep machine under the current Hypothesis profile; save a failure's trace.
+
+    With ``soak_budget_s``, Hypothesis runs repeat in rounds (each with its own seed, at most
+    the profile's ``max_examples``, sized from the time per example so far) until the budget
+    is spent; the budget is checked between rounds, so a soak overruns it by at most about one
+    example. Rules are never turned into no-ops: that would make generation inconsistent. Returns ``{"rounds", "examples", "seconds"}``.
+    """
+    from hypothesis import settings as Settings
+    from hypothesis import HealthCheck, seed as hseed
+    from hypothesis.stateful import get_state_machine_test
+
+    machine = _machine_class(implementations, block_size, workload, kv_replay, capacity_pages)
+    start = time.monotonic()
+    profile_max = Settings().max_examples
+    rounds = 0
+    try:
+        while True:
+            rounds += 1
+            run_settings = Settings(deadline=None, suppress_health_check=list(HealthCheck))
+            if soak_budget_s is not None:
+                # Rounds sized from the time per example so far: the budget is checked between
+                # rounds, each round at most the profile's max_examples (the first only 10).
+                spent = time.monotonic() - start
+                left = soak_budget_s - spent
+                per_example = spent / machine.examples if machine.examples else None
+                size = (min(profile_max, 10) if per_example is None else
+                        max(1, min(profile_max, int(left / per_example))))
+                run_settings = Settings(run_settings, max_examples=size)
+            test = get_state_machine_test(machine, settings=run_settings, _min_steps=0,
+                                          _flaky_state={"selecting_rule": False})
+            if seed is not None:
+                test = hseed(seed + rounds - 1)(test)
+            test()
+            if soak_budget_s is None:
+                break
+            spent = time.monotonic() - start
+            if spent >= soak_budget_s or soak_budget_s - spent < spent / max(machine.examples, 1):
+                break
+    except BaseException:
+        trace = machine.last_failure
+        if trace is not None and corpus is not None:
+            trace.meta.update({"test": label, "seed": seed,
+                               "hypothesis_profile": Settings.get_current_profile_name(),
+                               "round": rounds})
+            path = trace.save(corpus)
+            print(f"\nbcr-verify: failing trace saved to {path}\n"
+                  f"reproduce with: bcr-verify replay {path}")
+        raise
+    return {"rounds": rounds, "examples": machine.examples,
+            "seconds": round(time.monotonic() - start, 1)}
+
+
+def _distinct_prompts(count: int, blocks: int, block_size: int, offset: int = 0):
+    """``count`` prompts of ``blocks`` blocks: a unique first block, then blocks whose contents
+    repeat across prompts and positions, so only the parent chain tells them apart."""
+    shared = [[7] * block_size, [8] * block_size, list(range(block_size))]
+    for i in range(count):
+        n = offset + i
+        first = [1_000 + n % 100_000, 200_000 + n // 100_000] + [3] * (block_size - 2) \
+            if block_size >= 2 else [1_000 + n]
+        body = first[:block_size]
+        for j in range(1, blocks):
+            body += shared[(i + j) % len(shared)]
+        yield body
+
+
+class PrefixCacheConformance:
+    """Subclass with ``make_cache`` or ``implementation``; override the knobs as needed."""
+
+    implementation: ClassVar[str | None] = None
+    make_cache: ClassVar[Callable[[int], Any] | None] = None
+    reference: ClassVar[str] = "reference"
+    block_sizes: ClassVar[tuple[int, ...]] = (16,)
+    workload: ClassVar[str | None] = None
+    capacity_pages: ClassVar[int | None] = None
+
+    hash_blocks: ClassVar[int] = 100_000
+    churn_rounds: ClassVar[int] = 30
+    churn_growth_bytes: ClassVar[int] = 4 * 1024
+    fanout: ClassVar[tuple[int, int]] = (8, 4096)
+    max_fanout_ratio: ClassVar[float] = 4.0
+    writer_threads: ClassVar[int] = 4
+
+    block_hashes: ClassVar[Callable[[list[int], int], list[int]] | None] = None
+    """Optional: the cache's block hash chain for ``tokens``, checked for collisions."""
+
+    install_mutation_callback: ClassVar[Callable[[Any, Callable[[], None]], None] | None] = None
+    """Optional: ``(cache, callback)`` makes the cache call ``callback`` during a mutation
+    (an event listener, an eviction hook). Then reentrant mutation must be refused."""
+
+    # ------------------------------------------------------------ plumbing
+
+    @classmethod
+    def implementation_spec(cls) -> str:
+        if cls.implementation:
+            return cls.implementation
+        factory = cls.__dict__.get("make_cache") or cls.make_cache
+        factory = getattr(factory, "__func__", factory)
+        if factory is None:
+            raise TypeError(f"{cls.__name__}: set make_cache = staticmethod(factory) or "
+                            "implementation = 'pkg.module:factory'")
+        module, name = getattr(factory, "__module__", None), getattr(factory, "__qualname__", "")
+        if not module or "." in name or "<" in name:
+            raise TypeError(f"{cls.__name__}.make_cache must be a module-level function, so "
+                            f"traces can name it as module:attr (got {factory!r})")
+        return f"{module}:{name}"
+
+    @classmethod
+    def build_cache(cls, block_size: int):
+        from bcr_verify.adapters.registry import resolve
+        factory = cls.__dict__.get("make_cache") or cls.make_cache
+        factory = getattr(factory, "__func__", factory)
+        if factory is not None:
+            return factory(block_size)
+        spec = cls.implementation_spec()
+        if ":" in spec:
+            module, _, attr = spec.partition(":")
+            import importlib
+            return getattr(importlib.import_module(module), attr)(block_size)
+        return resolve(spec).build(block_size, cls.capacity_pages or 64)
+
+    def _bcr_cache(self, block_size: int):
+        """The BCR-API object under test (contract tests need the raw cache, not an adapter)."""
+        from bcr_verify.adapters.base import CacheAdapter
+        cache = self.build_cache(block_size)
+        if isinstance(cache, CacheAdapter):
+            inner = getattr(cache, "cache", None)
+            if inner is None or not hasattr(inner, "match_prefix"):
+                pytest.skip(f"{cache.name} is a CacheAdapter without a BCR-API .cache; the "
+                            "contract tests drive BCR-API caches (lockstep covers it)")
+            return inner
+        return cache
+
+    # ------------------------------------------------------------ lockstep
+
+    def test_lockstep(self, bcr_block_size, request):
+        from bcr_verify.pytest_plugin import current_options
+        opts = current_options()
+        impls = [self.reference, self.implementation_spec(), *opts.implementations]
+        impls = list(dict.fromkeys(impls))
+        budget = opts.soak_budget_s
+        seed = opts.seed if opts.seed is not None else random.getrandbits(64)
+        result = run_lockstep(
+            impls, bcr_block_size, workload=opts.workload or self.workload,
+            kv_replay=bool(opts.kv_replay), corpus=opts.corpus, soak_budget_s=budget,
+            seed=seed, capacity_pages=self.capacity_pages, label=request.node.nodeid)
+        if budget is not None:
+            opts.soak_reports.append(
+                f"{request.node.nodeid}: {result['rounds']} rounds, {result['examples']} "
+                f"examples in {result['seconds']} s (budget {budget:g} s)")
+
+    # The Hypothesis pytest plugin reports statistics (--hypothesis-show-statistics) and
+    # failure details only for tests it recognises; run_state_machine_as_test inside counts.
+    test_lockstep.is_hypothesis_test = True
+
+    # ------------------------------------------------------------ contract checks
+
+    def test_bounded_state_under_churn(self):
+        bs = 4
+        cache = self._bcr_cache(bs)
+        next_value = iter(range(1, 10**9))
+
+        def churn(round_):
+            values = []
+            for tokens in _distinct_prompts(16, 6, bs, offset=round_ * 16):
+                vals = [next(next_value) for _ in range(len(tokens) // bs)]
+                cache.insert(tokens, vals)
+                values.append(vals[0])
+            for v in values:
+                cache.evict(v)
+            cache.assert_invariants()
+            if hasattr(cache, "__len__"):
+                assert len(cache) == 0, f"{len(cache)} blocks left after evicting everything"
+
+        for r in range(5):  # warm up: interned ints, dict resizes, caches
+            churn(r)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            for r in range(5, 5 + self.churn_rounds // 2):
+                churn(r)
+            gc.collect()
+            mid = tracemalloc.get_traced_memory()[0]
+            for r in range(5 + self.churn_rounds // 2, 5 + self.churn_rounds):
+                churn(r)
+            gc.collect()
+            end = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert end - mid < self.churn_growth_bytes, (
+            f"traced heap grew {end - mid} bytes over {self.churn_rounds // 2} insert/evict "
+            "rounds that each leave the cache empty: state is leaking")
+
+    def test_block_hash_collisions(self):
+        bs = 4
+        blocks_per_prompt = 10
+        count = self.hash_blocks // blocks_per_prompt
+        if self.block_hashes is not None:
+            hashes = set()
+            for tokens in _distinct_prompts(count, blocks_per_prompt, bs):
+                hashes.update(type(self).block_hashes(tokens, bs))
+            assert len(hashes) == count * blocks_per_prompt, (
+                f"{count * blocks_per_prompt - len(hashes)} collisions among "
+                f"{count * blocks_per_prompt} distinct blocks")
+        cache = self._bcr_cache(bs)
+        value = 0
+        prompts = list(_distinct_prompts(count, blocks_per_prompt, bs))
+        for tokens in prompts:
+            vals = list(range(value, value + blocks_per_prompt))
+            value += blocks_per_prompt
+            cache.insert(tokens, vals)
+        wrong = 0
+        for i, tokens in enumerate(prompts):
+            length, vals = cache.match_prefix(tokens)
+            want = list(range(i * blocks_per_prompt, (i + 1) * blocks_per_prompt))
+            wrong += (length, list(vals)) != (len(tokens), want)
+        cache.assert_invariants()
+        assert wrong == 0, (f"{wrong} of {count} prompts ({value} distinct blocks) matched "
+                            "someone else's blocks: block identity collides")
+
+    def test_match_cost_fanout(self, record_property):
+        bs = 4
+        small, large = self.fanout
+
+        def cost(fanout):
+            cache = self._bcr_cache(bs)
+            stem = [5] * bs * 4
+            value = 0
+            for i in range(fanout):
+                cache.insert(stem + [10_000 + i] * bs, list(range(value, value + 5)))
+                value += 5
+            probe = stem + [10_000 + fanout // 2] * bs
+            samples = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    cache.match_prefix(probe)
+                samples.append(time.perf_counter() - t0)
+            return min(samples)
+
+        ratio = cost(large) / cost(small)
+        record_property("match_cost_fanout_ratio", round(ratio, 2))
+        assert ratio < self.max_fanout_ratio, (
+            f"a match below {large} children costs {ratio:.1f}x one below {small}: it grows "
+            f"with fan-out (linear would be {large / small:.0f}x)")
+
+    def test_single_writer(self):
+        bs = 4
+        cache = SingleWriter(self._bcr_cache(bs))
+        errors: list[BaseException] = []
+
+        def writer(t):
+            try:
+                kept = []
+                for i, tokens in enumerate(_distinct_prompts(60, 3, bs, offset=t * 1000)):
+                    vals = [(t, i, j) for j in range(3)]
+                    cache.insert(tokens, vals)
+                    length, got = cache.match_prefix(tokens)
+                    assert (length, list(got)) == (len(tokens), vals), (
+                        f"thread {t} read back {got} for its own blocks {vals}")
+                    if i % 2:
+                        cache.evict(vals[1])
+                        kept.append((tokens, vals[:1]))
+                    else:
+                        kept.append((tokens, vals))
+                for tokens, vals in kept:
+                    length, got = cache.match_prefix(tokens)
+                    assert list(got) == vals, f"thread {t}: {got} != {vals}"
+            except BaseException as exc:  # re-raised in the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(self.writer_threads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+        cache.assert_invariants()
+        if hasattr(cache, "__len__"):
+            want = self.writer_threads * (30 * 3 + 30 * 1)
+            assert len(cache) == want, f"{len(cache)} blocks cached, expected {want}"
+
+    def test_reentrant_mutation_refused(self):
+        hook = type(self).__dict__.get("install_mutation_callback") or self.install_mutation_callback
+        if hook is None:
+            pytest.skip("the cache declares no callback into user code during a mutation "
+                        "(install_mutation_callback), so it cannot be re-entered")
+        hook = getattr(hook, "__func__", hook)
+        bs = 4
+        cache = self._bcr_cache(bs)
+        outcome: list[object] = []
+        entered = []
+
+        def callback():
+            if entered:
+                return
+            entered.append(True)
+            try:
+                cache.insert([9] * bs * 2, ["reentrant-a", "reentrant-b"])
+                outcome.append("accepted")
+            except Exception as exc:  # the refusal we want
+                outcome.append(exc)
+
+        hook(cache, callback)
+        cache.insert([1] * bs * 2, ["outer-a", "outer-b"])
+        assert outcome, "the declared callback was never called during a mutation"
+        assert outcome[0] != "accepted", "a mutation from inside a mutation was accepted"
+        length, vals = cache.match_prefix([9] * bs * 2)
+        assert length == 0, f"the refused reentrant insert left {vals} cached"
+        assert cache.match_prefix([1] * bs * 2) == (2 * bs, ["outer-a", "outer-b"])
+        cache.assert_invariants()

@@ -1,0 +1,125 @@
+"""The pytest plugin as a user meets it: a tiny project, pytest in a subprocess (auto-loaded
+through the pytest11 entry point when bcr_verify is installed, `-p bcr_verify.pytest_plugin`
+otherwise)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+AUTOLOADED = any(ep.value == "bcr_verify.pytest_plugin"
+                 for ep in entry_points(group="pytest11"))
+
+PROJECT = {
+    "pyproject.toml": """
+        [tool.pytest.ini_options]
+        bcr_corpus = "found"
+        bcr_block_sizes = "4"
+    """,
+    "mycache.py": """
+        from bcr_verify.models.reference import ReferenceCache
+
+        class Buggy(ReferenceCache):
+            def match_prefix(self, token_ids):
+                length, values = super().match_prefix(token_ids)
+                if len(values) >= 2:
+                    values = values[:-1] + [values[-1] + 1]
+                return length, values
+
+        def make_good(block_size):
+            return ReferenceCache(block_size)
+
+        def make_buggy(block_size):
+            return Buggy(block_size)
+    """,
+    "test_mine.py": """
+        import os
+        from bcr_verify.testing import PrefixCacheConformance
+        import mycache
+
+        class TestMine(PrefixCacheConformance):
+            make_cache = staticmethod(mycache.make_buggy if os.environ.get("BUGGY")
+                                      else mycache.make_good)
+    """,
+}
+
+
+@pytest.fixture
+def project(tmp_path):
+    for name, text in PROJECT.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+def pytest_run(project, *args, env=None, timeout=300):
+    plugin = [] if AUTOLOADED else ["-p", "bcr_verify.pytest_plugin"]
+    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{project}", **(env or {})}
+    full_env.pop("BUGGY", None) if not (env or {}).get("BUGGY") else None
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *plugin,
+                           *args], cwd=project, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_profiles_registered_at_import():
+    from hypothesis import settings
+    import bcr_verify.pytest_plugin  # noqa: F401
+    for name in ("dev", "ci", "soak"):
+        assert settings.get_profile(name).deadline is None
+    assert settings.get_profile("ci").derandomize
+    assert settings.get_profile("soak").stateful_step_count > settings.get_profile("ci").stateful_step_count
+
+
+def test_crosshair_profile_without_backend_is_a_clear_usage_error(project):
+    from bcr_verify.pytest_plugin import crosshair_available
+    if crosshair_available():
+        pytest.skip("hypothesis-crosshair is installed here, so the profile exists")
+    out = pytest_run(project, "--hypothesis-profile", "crosshair")
+    assert out.returncode == 4, out.stdout + out.stderr
+    assert "pip install hypothesis-crosshair" in out.stderr
+
+
+def test_dev_profile_statistics_show_the_machine_rules(project):
+    out = pytest_run(project, "--hypothesis-profile", "dev", "--hypothesis-show-statistics",
+                     "-k", "lockstep")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "test_lockstep[bs4]" in out.stdout  # ini bcr_block_sizes honoured
+    for rule in ("rule: serve", "rule: begin", "rule: match"):
+        assert rule in out.stdout
+    assert "max_examples=20" in out.stdout  # the profile rules, nothing hard-coded
+
+
+def test_block_size_option_overrides_ini(project):
+    out = pytest_run(project, "--hypothesis-profile", "dev", "--bcr-block-size", "2",
+                     "--bcr-block-size", "8", "-k", "lockstep", "-q")
+    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-2000:]
+
+
+def test_soak_is_time_budgeted(project):
+    out = pytest_run(project, "--hypothesis-profile", "soak", "--bcr-soak-minutes", "0.1",
+                     "-k", "lockstep")
+    assert out.returncode == 0, out.stdout[-3000:]
+    line = next(l for l in out.stdout.splitlines() if "rounds," in l)
+    seconds = float(line.split(" examples in ")[1].split(" s")[0])
+    assert 3 <= seconds < 60, line  # stops when less than one example's time is left
+
+
+def test_planted_bug_trace_written_and_replayed(project):
+    out = pytest_run(project, "--hypothesis-profile", "dev", "-k", "lockstep",
+                     env={"BUGGY": "1"})
+    assert out.returncode == 1, out.stdout[-3000:]
+    traces = list((project / "found").glob("*.json"))
+    assert len(traces) == 1 and "failing trace saved to" in out.stdout
+    # collected from the corpus as a regression test: fails on the buggy cache ...
+    out = pytest_run(project, "--bcr-replay-corpus", "-k", "replay", env={"BUGGY": "1"})
+    assert out.returncode == 1 and "trace still fails" in out.stdout, out.stdout[-2000:]
+    # ... and the same trace replayed on the fixed cache passes (the trace names the factory,
+    # so "fixing" here means pointing the same name at the fixed code)
+    (project / "mycache.py").write_text((project / "mycache.py").read_text().replace(
+        "def make_buggy(block_size):\n    return Buggy(", "def make_buggy(block_size):\n    return ReferenceCache("))
+    out = pytest_run(project, "--bcr-replay-corpus", "-k", "replay")
+    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-2000:]
