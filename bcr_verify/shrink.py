@@ -1,0 +1,151 @@
+"""Delta-debugging of failing step lists, for failures found without Hypothesis (soak runs).
+
+A soak finds a divergence after an arbitrary history; this module cuts that history down to a
+short trace with the same failure, as Hypothesis does for its own examples. Steps are kept in
+an *abstract* form where ``finish``/``abort`` name the index of the ``begin`` step they end
+(``ref``) instead of a request id, because ids are handed out sequentially per lockstep and
+change as soon as a step before them is removed. A candidate is re-run on fresh lanes with
+checks after every step; a ``finish`` or ``abort`` whose ``begin`` is gone (removed, rejected
+or flushed) is skipped, so every candidate is a valid run. It counts as failing only if it
+fails the *same* check in the *same* implementation as the original.
+
+:func:`ddmin` is Zeller's minimising delta-debugging; the result is 1-minimal (no single step
+can be removed), within a time budget.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+from bcr_verify.errors import VerificationFailure
+from bcr_verify.trace import Trace
+
+ENDS = ("finish", "abort")
+
+
+def abstract_steps(steps: Sequence[dict], begin_index_of_rid: dict[int, int]) -> list[dict]:
+    """``steps`` with each ``finish``/``abort`` rid replaced by the index of its ``begin``."""
+    out = []
+    for step in steps:
+        op, args = step["op"], dict(step.get("args", {}))
+        if op in ENDS:
+            out.append({"op": op, "args": {}, "ref": begin_index_of_rid.get(args["rid"], -1)})
+        else:
+            out.append({"op": op, "args": args})
+    return out
+
+
+def rids_by_replay(trace: Trace) -> dict[int, int]:
+    """Which begin step got which rid when ``trace`` runs on fresh lanes (rid -> step index)."""
+    from bcr_verify.session import build_lockstep
+
+    lockstep = build_lockstep(trace.implementations, trace.block_size, trace.capacity_pages,
+                              kv_replay=False, check_every=0)
+    found = {}
+    for i, step in enumerate(trace.steps):
+        try:
+            got = lockstep.apply(step)
+        except (VerificationFailure, ValueError, AssertionError):
+            break
+        if step["op"] == "begin" and got is not None:
+            found[got] = i
+    return found
+
+
+def run_abstract(trace: Trace, steps: Sequence[dict]) -> tuple[VerificationFailure | None,
+                                                               list[dict]]:
+    """Run abstract ``steps`` on fresh lanes; returns the failure (if any) and concrete steps."""
+    from bcr_verify.session import build_lockstep
+
+    lockstep = build_lockstep(trace.implementations, trace.block_size, trace.capacity_pages,
+                              kv_replay=trace.kv_replay, check_every=1)
+    rid_of: dict[int, int] = {}
+    for step in steps:
+        op = step["op"]
+        try:
+            if op in ENDS:
+                rid = rid_of.get(step["ref"])
+                if rid is None or rid not in lockstep.requests:
+                    continue
+                getattr(lockstep, op)(rid)
+            else:
+                got = lockstep.apply({"op": op, "args": step["args"]})
+                if op == "begin" and got is not None:
+                    rid_of[step.get("index", -2)] = got
+        except VerificationFailure as failure:
+            return failure, list(lockstep.steps)
+        except (ValueError, TypeError):
+            return None, list(lockstep.steps)
+    return None, list(lockstep.steps)
+
+
+def ddmin(items: list, fails: Callable[[list], bool], deadline: float | None = None) -> list:
+    """The smallest sublist of ``items`` found that still ``fails`` (1-minimal if time allows)."""
+    n = 2
+    while len(items) >= 2:
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        chunk = max(1, len(items) // n)
+        subsets = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+        reduced = False
+        for i, subset in enumerate(subsets):  # try a subset alone
+            if len(subsets) > 2 and fails(subset):
+                items, n, reduced = subset, 2, True
+                break
+        if not reduced:
+            for i in range(len(subsets)):  # try the complement
+                complement = [x for j, s in enumerate(subsets) if j != i for x in s]
+                if fails(complement):
+                    items, n, reduced = complement, max(n - 1, 2), True
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+        if not reduced:
+            if n >= len(items):
+                break
+            n = min(len(items), n * 2)
+    return items
+
+
+def shrink(trace: Trace, begin_index_of_rid: dict[int, int] | None = None,
+           seconds: float = 60.0) -> tuple[Trace, dict]:
+    """A shorter trace failing the same way as ``trace``; plus how the shrink went.
+
+    ``begin_index_of_rid`` maps each rid in ``trace`` to its begin step; by default it is
+    found by replaying ``trace`` on fresh lanes (right for traces that start from empty lanes).
+    """
+    start = time.monotonic()
+    if begin_index_of_rid is None:
+        begin_index_of_rid = rids_by_replay(trace)
+    steps = abstract_steps(trace.steps, begin_index_of_rid)
+    for i, step in enumerate(steps):
+        step["index"] = i
+    original, concrete = run_abstract(trace, steps)
+    info = {"original_steps": len(trace.steps), "reproduced": original is not None,
+            "tests": 1}
+    if original is None:
+        info.update(shrunk_steps=len(trace.steps), seconds=round(time.monotonic() - start, 2))
+        return trace, info
+    want = (original.impl, original.check)
+    tests = [1]
+
+    def fails(candidate: list) -> bool:
+        tests[0] += 1
+        failure, _ = run_abstract(trace, candidate)
+        return failure is not None and (failure.impl, failure.check) == want
+
+    # Everything after the failing step is irrelevant: cut there first.
+    steps = steps[:len(concrete)]
+    small = ddmin(steps, fails, deadline=start + seconds)
+    failure, concrete = run_abstract(trace, small)
+    if failure is None:  # budget ran out mid-way on a flaky candidate: keep the original
+        small, failure, concrete = steps, original, concrete
+    shrunk = Trace(implementations=list(trace.implementations), block_size=trace.block_size,
+                   capacity_pages=trace.capacity_pages, steps=concrete,
+                   failure=failure.as_dict(), kv_replay=trace.kv_replay,
+                   meta={**trace.meta, "shrunk_by": "ddmin",
+                         "unshrunk_steps": len(trace.steps)})
+    info.update(shrunk_steps=len(concrete), tests=tests[0],
+                seconds=round(time.monotonic() - start, 2))
+    return shrunk, info

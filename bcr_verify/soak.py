@@ -1,0 +1,559 @@
+"""``bcr-verify soak``: millions of lockstep operations from a seeded RNG, with growth sampling.
+
+Hypothesis's per-step engine costs ~150-270 µs a step here, so a long run drives the same rules
+as :class:`~bcr_verify.machine.LockstepMachine` (same ops, same argument ranges, rules picked
+uniformly among those enabled, prompts drawn like :func:`bcr_verify.strategies.prompts`)
+straight from ``random.Random(seed)`` and calls the same :class:`~bcr_verify.lockstep.Lockstep`
+methods. Results are compared against the model on *every* operation (that is what a lockstep
+step is); the structural invariants run every ``check_every`` steps, before every flush and at
+the end.
+
+Over time it samples RSS, each lane's live cached blocks / radix nodes and evictable /
+protected token counts, and fits a least-squares line to each series after a warm-up; the
+growth verdict is that slope against a threshold (see :func:`growth_verdict`). It also times
+every call into the implementations themselves, so the harness's own overhead is reported as
+a ratio from the same run.
+
+The lockstep's step record is cut at every flush (the lanes are empty again then), so memory
+stays flat and a divergence comes with the steps since the last flush: those are
+delta-debugged (:mod:`bcr_verify.shrink`) and saved as a trace like any other.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bcr_verify.errors import VerificationFailure
+from bcr_verify.trace import Trace
+
+REGULAR_VOCAB = 151643
+RULES = ("serve", "begin", "finish", "abort", "match", "evict", "evict_value", "reset")
+TIMED = ("match", "lock", "unlock", "insert", "evict_tokens", "evict_value", "alloc", "free",
+         "available_pages", "reset")
+CHECKS = ("check_invariants", "sizes")
+MAX_WINDOW = 20_000
+"""Steps kept for shrinking; a flush is forced past this so the record stays bounded."""
+
+
+# ------------------------------------------------------------------ prompts, like strategies
+
+
+class PromptDrawer:
+    """Draws prompts as :func:`bcr_verify.strategies.prompts` does, from a ``random.Random``."""
+
+    def __init__(self, pool, block_size: int, rng: random.Random, vocab: int = REGULAR_VOCAB):
+        self.pool = [list(p) for p in pool]
+        self.bs = block_size
+        self.rng = rng
+        self.vocab = vocab
+        self.boundary = sorted({k * block_size + d for k in range(1, 5) for d in (-1, 0, 1)} - {0})
+
+    def _token(self) -> int:
+        return self.rng.randrange(self.vocab)
+
+    def draw(self) -> list[int]:
+        rng = self.rng
+        roll = rng.randrange(10)
+        p = rng.choice(self.pool)
+        if roll < 6:
+            return list(p)
+        if roll < 8:
+            return p[:rng.randint(0, len(p))]
+        if roll < 9:
+            return p + [self._token() for _ in range(rng.randint(1, self.bs + 1))]
+        kind = rng.randrange(6)
+        if kind == 0:
+            return []
+        if kind == 1:
+            return [self._token()]
+        if kind == 2:
+            return [self._token() for _ in range(rng.choice(self.boundary))]
+        if kind == 3:
+            page = [self._token() for _ in range(self.bs)]
+            return page * rng.randint(2, 12) + [self._token() for _ in range(rng.randint(0, self.bs))]
+        if kind == 4:
+            start = self._token()
+            return [(start + i) % self.vocab for i in range(rng.randint(20, 40) * self.bs)]
+        return [rng.choice((0, 1, 2)) for _ in range(rng.randint(0, 3 * self.bs + 1))]
+
+
+# ------------------------------------------------------------------ timing of raw impl calls
+
+
+class CallTimer:
+    """Wraps each lane adapter's methods to add up the time spent inside the implementation."""
+
+    def __init__(self):
+        self.ns: Counter = Counter()
+        self.calls: Counter = Counter()
+
+    def wrap(self, adapter, methods, bucket_of) -> None:
+        clock = time.perf_counter_ns
+        for name in methods:
+            original = getattr(adapter, name, None)
+            if original is None:
+                continue
+            key = (adapter.name, bucket_of(name))
+
+            def timed(*args, _original=original, _key=key, **kwargs):
+                t = clock()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.ns[_key] += clock() - t
+                    self.calls[_key] += 1
+            setattr(adapter, name, timed)
+
+    def seconds(self, impl: str | None = None, bucket: str | None = None) -> float:
+        return sum(v for (i, b), v in self.ns.items()
+                   if (impl is None or i == impl) and (bucket is None or b == bucket)) / 1e9
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: peak RSS is the best portable proxy
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def live_nodes(adapter) -> int | None:
+    """Nodes (or state slots) the implementation holds, where it can be counted."""
+    cache = getattr(adapter, "cache", None)
+    if cache is None:
+        return None
+    for attr in ("state_count", "num_states"):
+        f = getattr(cache, attr, None)
+        if callable(f):
+            return int(f())
+    try:
+        root = getattr(cache, "root_node", None)
+    except NotImplementedError:  # Rust tree core: nodes live in Rust, not countable from here
+        root = None
+    if root is not None and hasattr(root, "children"):
+        count, stack = 0, [root]
+        while stack:
+            node = stack.pop()
+            children = list(node.children.values())
+            count += len(children)
+            stack.extend(children)
+        return count
+    if hasattr(cache, "__len__") and not hasattr(cache, "root_node"):
+        return len(cache)
+    return None
+
+
+def sample(lockstep, ops: int, start: float) -> dict:
+    lanes = {}
+    for lane in lockstep.lanes:
+        sizes = lane.adapter.sizes()
+        lanes[lane.name] = {
+            "cached_blocks": len(lane.shadow), "nodes": live_nodes(lane.adapter),
+            "evictable": sizes.evictable if sizes else lane.shadow.evictable_tokens,
+            "protected": sizes.protected if sizes else lane.shadow.protected_tokens,
+            "free_pages": lane.adapter.available_pages(),
+        }
+    return {"t": round(time.monotonic() - start, 2), "ops": ops, "rss_mb": round(rss_mb(), 2),
+            "gc_objects": len(gc.get_objects()), "lanes": lanes}
+
+
+def fit_slope(xs, ys) -> float:
+    """Least-squares slope of ys against xs (0 when xs has no spread)."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if not sxx:
+        return 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+RSS_DRIFT_MB = 8.0
+"""Fitted RSS growth over the measured window above which the verdict is "growing"."""
+RSS_DRIFT_FRACTION = 0.02
+COUNT_DRIFT_FRACTION = 0.25
+"""Fitted growth of a bounded count (nodes, gc objects) above this fraction of its mean."""
+WARMUP_FRACTION = 0.2
+
+
+def growth_verdict(samples: list[dict], capacity_pages: int | None = None) -> dict:
+    """A fitted slope per series after warm-up, its projected drift, and a verdict.
+
+    The first ``WARMUP_FRACTION`` of samples (allocator pools, interpreter caches filling) is
+    dropped; over the rest each series gets a least-squares slope against operations. The
+    drift is slope × operations in that window. RSS is "growing" when its fitted drift exceeds
+    ``max(RSS_DRIFT_MB, RSS_DRIFT_FRACTION × RSS)``; a count (live nodes per lane, Python
+    objects) when its drift exceeds ``COUNT_DRIFT_FRACTION`` × its mean + 2, and a lane's
+    live nodes / blocks when theirs exceeds half the pool (``2 × COUNT_DRIFT_FRACTION ×
+    capacity_pages``): those swing between empty and full with flushes, a leak keeps climbing. Bounded caches
+    churning at steady state give near-zero slopes; a leak gives a steady positive one.
+    """
+    if len(samples) < 4:
+        return {"verdict": "too few samples", "series": {}}
+    kept = samples[int(len(samples) * WARMUP_FRACTION):]
+    xs = [s["ops"] for s in kept]
+    span = xs[-1] - xs[0]
+    series: dict[str, list[float]] = {"rss_mb": [s["rss_mb"] for s in kept],
+                                      "gc_objects": [s["gc_objects"] for s in kept]}
+    for name in kept[0]["lanes"]:
+        for key in ("nodes", "cached_blocks"):
+            values = [s["lanes"][name][key] for s in kept]
+            if all(v is not None for v in values):
+                series[f"{name}.{key}"] = values
+    out, growing = {}, []
+    for key, ys in series.items():
+        slope = fit_slope(xs, ys)
+        drift = slope * span
+        mean = sum(ys) / len(ys)
+        if key == "rss_mb":
+            limit = max(RSS_DRIFT_MB, RSS_DRIFT_FRACTION * mean)
+        elif key == "gc_objects" or not capacity_pages:
+            limit = COUNT_DRIFT_FRACTION * mean + 2
+        else:  # a lane's nodes / blocks: bounded by the pool, so churn swings up to it
+            limit = COUNT_DRIFT_FRACTION * 2 * capacity_pages
+        out[key] = {"slope_per_million_ops": round(slope * 1e6, 4),
+                    "fitted_drift": round(drift, 3), "limit": round(limit, 3),
+                    "first": ys[0], "last": ys[-1], "mean": round(mean, 2),
+                    "growing": drift > limit}
+        if drift > limit:
+            growing.append(key)
+    return {"verdict": "growing: " + ", ".join(growing) if growing else "flat",
+            "warmup_samples_dropped": len(samples) - len(kept), "series": out}
+
+
+# ------------------------------------------------------------------ the driver
+
+
+@dataclass
+class SoakConfig:
+    implementations: list[str] | None = None
+    block_size: int = 16
+    workload: str = "mixed"
+    seed: int = 0
+    minutes: float | None = 1.0
+    max_ops: int | None = None
+    check_every: int = 64
+    sample_seconds: float | None = None
+    max_running: int = 3
+    trace_dir: str = "corpus/traces"
+    shrink_seconds: float = 120.0
+
+
+@dataclass
+class SoakResult:
+    config: SoakConfig
+    report: dict
+    samples: list = field(default_factory=list)
+    failure: Trace | None = None
+    trace_path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+def soak(config: SoakConfig, progress=None) -> SoakResult:
+    from bcr_verify.runner import select_implementations
+    from bcr_verify.session import build_lockstep, prompt_source
+
+    if config.minutes is None and config.max_ops is None:
+        raise ValueError("give minutes or max_ops")
+    if config.check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {config.check_every}")
+    impls, not_run = select_implementations(config.implementations, config.block_size)
+    source = prompt_source(config.workload, config.block_size)
+    capacity = source.capacity_pages
+    lockstep = build_lockstep(impls, config.block_size, capacity, check_every=config.check_every)
+    timer = CallTimer()
+    for lane in lockstep.lanes:
+        timer.wrap(lane.adapter, TIMED, lambda m: "op")
+        timer.wrap(lane.adapter, CHECKS, lambda m: "check")
+    explicit = any(l.adapter.contract.eviction == "explicit" for l in lockstep.lanes)
+    rng = random.Random(config.seed)
+    prompts = PromptDrawer(source.pool, config.block_size, rng)
+    pool_tokens = capacity * config.block_size
+    budget_s = config.minutes * 60 if config.minutes else None
+    every = config.sample_seconds or max(0.5, (budget_s or 60) / 240)
+
+    running: list[int] = []
+    begin_at: dict[int, int] = {}  # rid -> index in the step window of the begin that made it
+    window_start = 0  # global index of lockstep.steps[0]
+    ops = 0
+    checks = 0
+    flushes = 0
+    rules = Counter()
+    samples = []
+    failure: VerificationFailure | None = None
+    window: list[dict] = []
+    begin_map: dict[int, int] = {}
+    original_check = lockstep.check
+
+    def counted_check():
+        nonlocal checks
+        checks += 1
+        original_check()
+    lockstep.check = counted_check
+    start = time.monotonic()
+    next_sample = start
+    interrupted = False
+
+    def flush_window():
+        nonlocal window_start
+        window_start += len(lockstep.steps)
+        lockstep.steps.clear()
+        begin_at.clear()
+
+    def do_begin():
+        rid = lockstep.begin(prompts.draw())
+        if rid is not None:
+            begin_at[rid] = len(lockstep.steps) - 1
+        return rid
+
+    try:
+        while True:
+            if (ops & 255) == 0:
+                now = time.monotonic()
+                if now >= next_sample:
+                    samples.append(sample(lockstep, window_start + len(lockstep.steps), start))
+                    next_sample = now + every
+                    if progress:
+                        s = samples[-1]
+                        rate = s["ops"] / max(s["t"], 1e-9)
+                        progress(f"{s['ops']:,} ops, {rate:,.0f} ops/s, RSS {s['rss_mb']:.1f} MB, "
+                                 f"{now - start:.0f}s" + (f"/{budget_s:.0f}s" if budget_s else ""))
+                if budget_s is not None and now - start >= budget_s:
+                    break
+            if config.max_ops is not None and window_start + len(lockstep.steps) >= config.max_ops:
+                break
+            enabled = ["serve", "match", "evict", "evict_value", "reset"]
+            if len(lockstep.requests) < config.max_running:
+                enabled.append("begin")
+            if running:
+                enabled += ["finish", "abort"]
+            rule = rng.choice(enabled)
+            rules[rule] += 1
+            if rule == "serve":
+                rid = do_begin()
+                if rid is not None:
+                    lockstep.finish(rid)
+            elif rule == "begin":
+                rid = do_begin()
+                if rid is not None:
+                    running.append(rid)
+            elif rule in ("finish", "abort"):
+                rid = running.pop(rng.randrange(len(running)))
+                if rid in lockstep.requests:
+                    getattr(lockstep, rule)(rid)
+            elif rule == "match":
+                lockstep.match(prompts.draw())
+            elif rule == "evict":
+                lockstep.evict(max(1, pool_tokens * rng.randint(1, 50) // 100))
+            elif rule == "evict_value":
+                pick = rng.randint(0, 10_000)
+                if explicit:
+                    lockstep.evict_value(pick)
+            elif rule == "reset" and (rng.randrange(10) == 0 or len(lockstep.steps) > MAX_WINDOW):
+                lockstep.check()  # no corruption may hide behind a flush
+                lockstep.reset()
+                running.clear()
+                flushes += 1
+                flush_window()
+            ops += 1
+        lockstep.check()
+    except VerificationFailure as exc:
+        failure = exc
+        window = list(lockstep.steps)
+        begin_map = {rid: i for rid, i in begin_at.items()}
+    except KeyboardInterrupt:
+        interrupted = True
+    elapsed = time.monotonic() - start
+    total_ops = window_start + len(lockstep.steps)
+    samples.append(sample(lockstep, total_ops, start))
+
+    trace = trace_path = shrink_info = None
+    if failure is not None:
+        from bcr_verify.shrink import shrink
+
+        unshrunk = Trace(implementations=list(impls), block_size=config.block_size,
+                         capacity_pages=capacity, steps=window, failure=failure.as_dict(),
+                         meta={"workload": config.workload, "source": "soak",
+                               "seed": config.seed, "global_step": window_start + (failure.step or 0)})
+        trace, shrink_info = shrink(unshrunk, begin_map, seconds=config.shrink_seconds)
+        if not shrink_info["reproduced"]:
+            trace.meta["note"] = ("did not reproduce from the last flush on fresh lanes: the "
+                                  "failure depends on history before it; steps since flush kept")
+        trace_path = str(trace.save(config.trace_dir))
+
+    raw_op = timer.seconds(bucket="op")
+    raw_check = timer.seconds(bucket="check")
+    lanes = len(lockstep.lanes)
+    per_impl = {}
+    for lane in lockstep.lanes:
+        op_s = timer.seconds(lane.name, "op")
+        calls = sum(v for (i, b), v in timer.calls.items() if i == lane.name and b == "op")
+        per_impl[lane.name] = {
+            "raw_op_seconds": round(op_s, 3), "raw_calls": calls,
+            "check_seconds": round(timer.seconds(lane.name, "check"), 3),
+            "raw_ops_per_second_alone": round(total_ops / op_s, 1) if op_s else None,
+            **lane.stats.as_dict(),
+        }
+    report = {
+        "ok": failure is None, "interrupted": interrupted,
+        "implementations": impls, "not_run": not_run, "block_size": config.block_size,
+        "workload": config.workload, "seed": config.seed, "capacity_pages": capacity,
+        "check_every": config.check_every, "seconds": round(elapsed, 2),
+        "lockstep_operations": total_ops,
+        "implementation_operations": total_ops * lanes,
+        "ops_per_second": round(total_ops / elapsed, 1) if elapsed else 0.0,
+        "rules": dict(rules), "flushes": flushes, "invariant_checks": checks,
+        "rejected_requests": lockstep.rejected,
+        "overhead": {
+            "wall_seconds": round(elapsed, 3),
+            "raw_implementation_op_seconds": round(raw_op, 3),
+            "implementation_self_check_seconds": round(raw_check, 3),
+            "harness_seconds": round(elapsed - raw_op - raw_check, 3),
+            "ratio_wall_to_raw_ops": round(elapsed / raw_op, 2) if raw_op else None,
+            "explanation": "wall time of the soak / summed time spent inside the implementations' "
+                           "own operation calls (match, lock, unlock, insert, evict, alloc, free), "
+                           "all lanes, same run; 1.0 would be zero harness overhead",
+        },
+        "rss_mb": {"start": samples[0]["rss_mb"], "end": samples[-1]["rss_mb"],
+                   "drift": round(samples[-1]["rss_mb"] - samples[0]["rss_mb"], 2),
+                   "max": max(s["rss_mb"] for s in samples)},
+        "growth": growth_verdict(samples, capacity),
+        "implementations_detail": per_impl,
+        "failure": failure.as_dict() if failure else None,
+        "trace": trace_path, "shrink": shrink_info,
+        "samples": samples,
+    }
+    try:
+        report["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return SoakResult(config, report, samples, trace, trace_path)
+
+
+# ------------------------------------------------------------------ output
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = report["samples"]
+    xs = [s["ops"] / 1e6 for s in samples]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+    axes[0].plot(xs, [s["rss_mb"] for s in samples], color="black")
+    axes[0].set_ylabel("RSS (MB)")
+    g = report["growth"]
+    axes[0].set_title(f"soak: {', '.join(report['implementations'])} | "
+                      f"{report['lockstep_operations']:,} ops in {report['seconds']:.0f}s | "
+                      f"growth verdict: {g['verdict']}", fontsize=9)
+    for name in samples[0]["lanes"]:
+        nodes = [s["lanes"][name]["nodes"] for s in samples]
+        if all(n is not None for n in nodes):
+            axes[1].plot(xs, nodes, label=f"{name} nodes")
+        axes[2].plot(xs, [s["lanes"][name]["evictable"] for s in samples],
+                     label=f"{name} evictable")
+        axes[2].plot(xs, [s["lanes"][name]["protected"] for s in samples], linestyle="--",
+                     label=f"{name} protected")
+    axes[1].set_ylabel("live nodes / blocks")
+    axes[2].set_ylabel("tokens")
+    axes[2].set_xlabel("lockstep operations (millions)")
+    for ax in axes[1:]:
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def summary(report: dict) -> str:
+    o = report["overhead"]
+    lines = [
+        f"implementations: {', '.join(report['implementations'])}",
+        *[f"NOT RUN: {n} ({why})" for n, why in report["not_run"].items()],
+        f"{report['lockstep_operations']:,} lockstep operations "
+        f"({report['implementation_operations']:,} implementation operations) in "
+        f"{report['seconds']} s = {report['ops_per_second']:,} ops/s; "
+        f"{report['invariant_checks']:,} invariant checks (every {report['check_every']} steps, "
+        f"before each of {report['flushes']:,} flushes, and at the end)",
+        f"RSS {report['rss_mb']['start']} -> {report['rss_mb']['end']} MB "
+        f"(drift {report['rss_mb']['drift']:+} MB); growth verdict: {report['growth']['verdict']}",
+        f"harness overhead: wall {o['wall_seconds']} s / raw implementation ops "
+        f"{o['raw_implementation_op_seconds']} s = {o['ratio_wall_to_raw_ops']}x "
+        f"(implementation self-checks {o['implementation_self_check_seconds']} s)",
+    ]
+    for name, d in report["implementations_detail"].items():
+        lines.append(f"  {name:<22} raw ops {d['raw_op_seconds']:>8} s, checks "
+                     f"{d['check_seconds']:>8} s, hit rate {d['hit_rate']:.3f}, "
+                     f"evictions {d['evictions']:,}")
+    if report["failure"]:
+        f = report["failure"]
+        lines.append(f"FAIL: {f['kind']} in {f['impl']} [{f['check']}]: {f['detail']}")
+        lines.append(f"trace saved: {report['trace']} (shrink: {report['shrink']})")
+        lines.append(f"reproduce with: bcr-verify replay {report['trace']}")
+    else:
+        lines.append("PASS" + (" (interrupted)" if report["interrupted"] else ""))
+    return "\n".join(lines)
+
+
+def cmd_soak(args) -> int:
+    from bcr_verify.session import progress_printer
+
+    config = SoakConfig(
+        implementations=args.impls, block_size=args.block_size, workload=args.workload,
+        seed=args.seed, minutes=None if args.ops and not args.minutes else args.minutes or 1.0,
+        max_ops=args.ops, check_every=args.check_every, sample_seconds=args.sample_seconds,
+        trace_dir=args.trace_dir)
+    show = None if args.quiet else progress_printer()
+    result = soak(config, progress=show)
+    if show:
+        show("", final=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.report, indent=1))
+    if args.plot:
+        plot(result.report, args.plot)
+    print(summary(result.report))
+    if result.failure is not None:
+        print("\n" + result.failure.render())
+        return 1
+    return 0
+
+
+def register(subparsers) -> None:
+    from bcr_verify.cli import _positive_float, _positive_int, add_impl_args
+
+    p = subparsers.add_parser(
+        "soak", help="millions of lockstep operations from a seeded RNG, with RSS / size "
+        "sampling, a growth verdict, JSON report and PNG plot")
+    add_impl_args(p)
+    p.add_argument("--minutes", type=_positive_float("--minutes"),
+                   help="run this long (default 1 unless --ops is given)")
+    p.add_argument("--ops", type=_positive_int("--ops"),
+                   help="stop after this many lockstep operations")
+    p.add_argument("--check-every", type=_positive_int("--check-every"), default=64,
+                   help="run every lane's invariants every N steps (default 64), plus before "
+                        "every flush and at the end; results are compared on every step")
+    p.add_argument("--sample-seconds", type=_positive_float("--sample-seconds"),
+                   help="sample RSS and sizes this often (default: ~240 samples per run)")
+    p.add_argument("--json", metavar="PATH", help="write the report (with samples) here")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of the samples here")
+    p.add_argument("--trace-dir", default="corpus/traces",
+                   help="where a failure's shrunk trace is saved (default corpus/traces)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_soak)
