@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import find, HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bcr_verify.strategies import (
@@ -119,23 +119,22 @@ def test_bpe_random_cuts_are_unstable_and_special_cuts_stable(tok):
     assert stats == prefix_stability(tok, texts, samples=300, seed=0)
 
 
-def test_edge_cases_hit_block_boundaries_and_repeats():
-    seen = set()
-    strategy = edge_case_prompts(BS)
-
-    @settings(max_examples=400, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow])
-    @given(strategy)
-    def collect(p):
-        assert all(isinstance(t, int) and 0 <= t < 151643 for t in p)
-        seen.add(len(p))
-        if len(p) >= 2 * BS and p[:BS] == p[BS: 2 * BS]:
-            seen.add("repeated")
-        if len(p) >= 20 * BS:
-            seen.add("long")
-
-    collect()
-    assert {0, 1, BS - 1, BS, BS + 1, 2 * BS + 1, "repeated", "long"} <= seen
+@pytest.mark.parametrize("name, wanted", [
+    ("empty", lambda p: p == []),
+    ("one token", lambda p: len(p) == 1),
+    ("block - 1", lambda p: len(p) == BS - 1),
+    ("block", lambda p: len(p) == BS),
+    ("block + 1", lambda p: len(p) == BS + 1),
+    ("two blocks + 1", lambda p: len(p) == 2 * BS + 1),
+    ("repeated page", lambda p: len(p) >= 2 * BS and p[:BS] == p[BS:2 * BS]),
+    ("long chain", lambda p: len(p) >= 20 * BS),
+])
+def test_edge_cases_reach_each_structural_edge(name, wanted):
+    found = find(edge_case_prompts(BS), wanted,
+                 settings=settings(max_examples=2000, database=None, derandomize=True,
+                                   suppress_health_check=list(HealthCheck)))
+    assert wanted(found)
+    assert all(isinstance(t, int) and 0 <= t < 151643 for t in found)
 
 
 def test_prompts_strategy_is_mostly_pool_and_covers_cuts_extensions_and_edges():

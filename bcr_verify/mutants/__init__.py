@@ -68,7 +68,7 @@ MUTANTS: list[Mutant] = [
 
 
 def score(mutant: Mutant, seconds: float = 60.0, seed: int = 0,
-          trace_dir: str = "corpus/mutant-traces", ddmin_seconds: float = 30.0) -> dict:
+          trace_dir: str = "corpus/traces", ddmin_seconds: float = 30.0) -> dict:
     """Run one mutant until caught or ``seconds`` pass; the scorecard row."""
     import bcr_verify.runner as runner
     from bcr_verify.errors import VerificationFailure
@@ -182,6 +182,6 @@ def register(subparsers) -> None:
     p.add_argument("--only", action="append", metavar="NAME", help="run only these mutants")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON here")
-    p.add_argument("--trace-dir", default="corpus/mutant-traces",
-                   help="where shrunk traces are saved (default corpus/mutant-traces)")
+    p.add_argument("--trace-dir", default="corpus/traces",
+                   help="where shrunk traces are saved (default corpus/traces)")
     p.set_defaults(func=cmd_mutants)
