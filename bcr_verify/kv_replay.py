@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from bcr_verify.errors import Divergence
-from bcr_verify.lockstep import Observer
+from bcr_verify.lockstep import Observer, short as _short
 
 VOCAB_SIZE = 151_936
 """Qwen2's vocabulary (the real tokenizer's size), so real token ids replay unchanged."""
@@ -368,13 +368,6 @@ class KVReplay(Observer):
             "max_diff_correct": self.max_diff, "max_kv_diff_correct": self.max_kv_diff,
             "seconds": round(self.seconds, 4), "check_seconds": round(self.check_seconds, 4),
         }}
-
-
-def _short(values: Sequence[int], limit: int = 8) -> str:
-    values = list(values)
-    if len(values) <= limit:
-        return str(values)
-    return f"[{', '.join(map(str, values[:limit]))}, ... ({len(values)} in all)]"
 
 
 # ----------------------------------------------------------------- measurement

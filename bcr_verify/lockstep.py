@@ -227,8 +227,8 @@ class Lockstep:
             at = next((i for i, (g, w) in enumerate(zip(got.pages, want_pages)) if g != w),
                       min(len(got.pages), len(want_pages)))
             raise lane.diverge(
-                "match", f"matched {got.length} tokens with pages {_short(got.pages, at)}, "
-                f"model: {want_len} tokens with pages {_short(want_pages, at)}; first difference "
+                "match", f"matched {got.length} tokens with pages {short(got.pages, at)}, "
+                f"model: {want_len} tokens with pages {short(want_pages, at)}; first difference "
                 f"at block {at}")
         lane.stats.lookups += 1
         lane.stats.lookup_tokens += len(tokens)
@@ -271,7 +271,7 @@ class Lockstep:
         bad = [p for p in pages if p in lane.shadow or p in lane.held]
         if bad or len(set(pages)) != len(pages):
             raise InvariantViolation(
-                lane.name, "allocator", f"handed out pages {_short(bad or pages)} that are "
+                lane.name, "allocator", f"handed out pages {short(bad or pages)} that are "
                 "cached, held by a running request, or repeated")
         return pages
 
@@ -300,8 +300,8 @@ class Lockstep:
                     "insert", f"reported {got.prefix_len} tokens already cached, model: {want_prefix}")
             if sorted(got.freed) != sorted(want_freed):
                 raise lane.diverge(
-                    "insert duplicates", f"freed {_short(got.freed)} as duplicates, model: "
-                    f"{_short(want_freed)}")
+                    "insert duplicates", f"freed {short(got.freed)} as duplicates, model: "
+                    f"{short(want_freed)}")
             lane.stats.duplicates_freed += len(want_freed)
             lane.held.difference_update(h.new)
             lane.adapter.unlock(h.receipt)
@@ -341,7 +341,7 @@ class Lockstep:
             lane.adapter.free(want)
         elif sorted(got) != sorted(want):
             raise lane.diverge(
-                "evict", f"evicting page {value} freed {_short(got)}, model: {_short(want)}")
+                "evict", f"evicting page {value} freed {short(got)}, model: {short(want)}")
         lane.shadow.evict(value)
         return want
 
@@ -357,7 +357,7 @@ def _culprit(exc: BaseException) -> str:
     return tb.tb_frame.f_globals.get("__name__", "?") if tb else "?"
 
 
-def _short(values: Sequence[int], around: int = 0, limit: int = 12) -> str:
+def short(values: Sequence[int], around: int = 0, limit: int = 12) -> str:
     """``values`` in one short line, always showing the part near index ``around``."""
     values = list(values)
     if len(values) <= limit:

@@ -5,6 +5,7 @@ reference-model variant with one wrong answer. The tests assert which check catc
 """
 
 from bcr_verify.models import ReferenceCache
+from bcr_verify.mutants.radix import radix_mutant, split_shares_storage
 
 
 class OffByOneMatch(ReferenceCache):
@@ -22,20 +23,8 @@ def off_by_one_match(block_size):
 
 
 def _radix(patch):
-    """A factory for an ``sglang-radix`` adapter whose cache has ``patch(cache)`` applied."""
-    def factory(block_size):
-        from bcr_verify.adapters.sglang import SGLangAdapter
-
-        class Broken(SGLangAdapter):
-            def _build(self):
-                cache = super()._build()
-                patch(cache, self)
-                return cache
-
-        adapter = Broken("radix", block_size, capacity_pages=64)
-        adapter.name = f"broken-{patch.__name__}"
-        return adapter
-    return factory
+    """An ``sglang-radix`` adapter factory whose cache has ``patch(cache, adapter)`` applied."""
+    return radix_mutant(patch, capacity_pages=64, prefix="broken")
 
 
 def _after(cache, method, hook):
@@ -113,20 +102,6 @@ def stale_after_evict(cache, adapter):
     cache.evict = evict
 
 
-def shared_split_storage(cache, adapter):
-    """Splits keep views of one storage instead of copies (a real SGLang bug class)."""
-    def split(key, child, split_len):
-        from sglang.srt.mem_cache.radix_cache import TreeNode
-        new = TreeNode(priority=child.priority)
-        new.children = {key[split_len:].child_key(cache.page_size): child}
-        new.parent, new.lock_ref = child.parent, child.lock_ref
-        new.key, new.value = child.key[:split_len], child.value[:split_len]
-        child.parent, child.key, child.value = new, child.key[split_len:], child.value[split_len:]
-        new.parent.children[key.child_key(cache.page_size)] = new
-        return new
-    cache._split_node = split
-
-
 def leak_on_flush(cache, adapter):
     """Flushing forgets the tree but never returns its slots to the allocator."""
     adapter.allocator.real.clear = lambda: None
@@ -139,5 +114,5 @@ broken_empty_node = _radix(empty_node)
 broken_lock_count = _radix(double_unlock)
 broken_sizes = _radix(size_drift)
 broken_free_list = _radix(stale_after_evict)
-broken_storage = _radix(shared_split_storage)
+broken_storage = _radix(split_shares_storage)
 broken_conservation = _radix(leak_on_flush)

@@ -13,8 +13,12 @@ def _capacity(workload: str, block_size: int) -> int:
     return prompt_source(workload, block_size).capacity_pages
 
 
-def _radix(patch, workload: str = "mixed"):
-    """A factory for an ``sglang-radix`` adapter whose cache has ``patch(cache, adapter)``."""
+def radix_mutant(patch, workload: str = "mixed", capacity_pages: int | None = None,
+                 prefix: str = "mutant"):
+    """A factory for an ``sglang-radix`` adapter whose cache has ``patch(cache, adapter)``.
+
+    The pool is sized from ``workload`` unless ``capacity_pages`` is given.
+    """
     def factory(block_size):
         from bcr_verify.adapters.sglang import SGLangAdapter
 
@@ -24,11 +28,9 @@ def _radix(patch, workload: str = "mixed"):
                 patch(cache, self)
                 return cache
 
-            def reset(self):
-                super().reset()
-
-        adapter = Mutant("radix", block_size, _capacity(workload, block_size))
-        adapter.name = f"mutant-{patch.__name__.replace('_', '-')}"
+        capacity = capacity_pages or _capacity(workload, block_size)
+        adapter = Mutant("radix", block_size, capacity)
+        adapter.name = f"{prefix}-{patch.__name__.replace('_', '-')}"
         return adapter
     factory.__doc__ = patch.__doc__
     return factory
@@ -130,10 +132,10 @@ def lru_stale_after_split(cache, adapter):
     cache._split_node = patched
 
 
-lock_parent = _radix(lock_parent_only)
-unbalanced_unlock = _radix(unlock_skips_leaf)
-aliased_indices = _radix(aliased_value)
-split_storage = _radix(split_shares_storage)
-size_drift = _radix(size_drift_on_delete)
-page_units = _radix(evict_in_pages)
-lru_after_split = _radix(lru_stale_after_split)
+lock_parent = radix_mutant(lock_parent_only)
+unbalanced_unlock = radix_mutant(unlock_skips_leaf)
+aliased_indices = radix_mutant(aliased_value)
+split_storage = radix_mutant(split_shares_storage)
+size_drift = radix_mutant(size_drift_on_delete)
+page_units = radix_mutant(evict_in_pages)
+lru_after_split = radix_mutant(lru_stale_after_split)
