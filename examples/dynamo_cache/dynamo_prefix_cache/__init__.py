@@ -25,6 +25,8 @@ block whose KV is gone.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -64,18 +66,15 @@ class DynamoPrefixCache:
         self.event_listener: Callable[[dict], None] | None = None
 
     # ------------------------------------------------------------ helpers
+    @contextlib.contextmanager
     def _mutation(self):
-        cache = self
-
-        class Guard:
-            def __enter__(self):
-                if cache._busy:
-                    raise RuntimeError("reentrant mutation refused: this cache is single-writer")
-                cache._busy = True
-
-            def __exit__(self, *exc):
-                cache._busy = False
-        return Guard()
+        if self._busy:
+            raise RuntimeError("reentrant mutation refused: this cache is single-writer")
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
 
     def _emit(self, data) -> None:
         self._event_id += 1
