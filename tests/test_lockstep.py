@@ -10,15 +10,20 @@ from bcr_verify.lockstep import Lockstep
 from bcr_verify.machine import LockstepMachine
 from bcr_verify.models import ReferenceCache
 from bcr_verify.runner import RunConfig, run, select_implementations
-from bcr_verify.session import vacuity_warnings
+from bcr_verify.session import TOTALS, vacuity_warnings
 
 SGLANG = ["sglang-radix", "sglang-unified-py", "sglang-unified-rust"]
 
 
-def bcr_api_on_reference(block_size):
+def bcr_api_on_reference(block_size, capacity_pages=64):
     """BCR-memory-2's API code path, explicit eviction, with the reference model behind it."""
-    return BCRApiAdapter("bcr-api-on-reference", ReferenceCache, block_size, 64,
+    return BCRApiAdapter("bcr-api-on-reference", ReferenceCache, block_size, capacity_pages,
                          eviction="explicit")
+
+
+def bcr_api_sized_for_mixed(block_size):
+    from bcr_verify.session import prompt_source
+    return bcr_api_on_reference(block_size, prompt_source("mixed", block_size).capacity_pages)
 
 
 class ReferenceWithoutInsertResult(ReferenceCache):
@@ -61,6 +66,15 @@ def test_bcr_api_code_path_drives_the_reference(block_size):
         assert report[name]["hits"] >= 2
         assert report[name]["duplicates_freed"] >= 1
         assert report[name]["evictions"] >= 1
+
+
+def test_machine_evicts_explicit_caches_by_value():
+    machine = LockstepMachine.configure(
+        implementations=["reference", "test_lockstep:bcr_api_sized_for_mixed"], block_size=16)
+    TOTALS.reset()
+    run_state_machine_as_test(machine, settings=quick())
+    stats = TOTALS.as_dict()["implementations"]["bcr-api-on-reference"]
+    assert stats["ops"].get("evict_value", 0) > 0 and stats["hits"] > 0, stats
 
 
 def test_bcr_is_reported_unavailable_with_the_reason():
