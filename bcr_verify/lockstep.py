@@ -109,6 +109,9 @@ class Lockstep:
         self.requests: dict[int, tuple[list[int], dict[str, Held]]] = {}
         self.next_rid = 0
         self.steps: list[dict] = []
+        self.forgotten = 0
+        """Steps dropped from the record by :meth:`forget_steps` (still counted as executed)."""
+        self.checks = 0
         self.rejected = 0
 
     # ----------------------------------------------------------------- operations
@@ -159,6 +162,17 @@ class Lockstep:
                     observer.on_reset(lane.name)
         self._step("reset", {}, run)
 
+    @property
+    def executed(self) -> int:
+        """Every step run so far, whether or not it is still in the record."""
+        return self.forgotten + len(self.steps)
+
+    def forget_steps(self) -> None:
+        """Drop the step record, e.g. after a flush, when lanes are empty and a trace of what
+        follows replays from here; long drivers call it so memory stays flat."""
+        self.forgotten += len(self.steps)
+        self.steps.clear()
+
     def apply(self, step: dict) -> Any:
         """Replay one recorded step (see :mod:`bcr_verify.trace`)."""
         op, args = step["op"], step.get("args", {})
@@ -198,6 +212,7 @@ class Lockstep:
 
     def check(self) -> None:
         """Every lane's invariants: its own check, sizes against the model, pool conservation."""
+        self.checks += 1
         for lane in self.lanes:
             adapter, shadow = lane.adapter, lane.shadow
             adapter.check_invariants()

@@ -289,30 +289,19 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
 
     running: list[int] = []
     begin_at: dict[int, int] = {}  # rid -> index in the step window of the begin that made it
-    window_start = 0  # global index of lockstep.steps[0]
     ops = 0
-    checks = 0
     flushes = 0
     rules = Counter()
     samples = []
     failure: VerificationFailure | None = None
     window: list[dict] = []
     begin_map: dict[int, int] = {}
-    original_check = lockstep.check
-
-    def counted_check():
-        nonlocal checks
-        checks += 1
-        original_check()
-    lockstep.check = counted_check
     start = time.monotonic()
     next_sample = start
     interrupted = False
 
     def flush_window():
-        nonlocal window_start
-        window_start += len(lockstep.steps)
-        lockstep.steps.clear()
+        lockstep.forget_steps()
         begin_at.clear()
 
     def do_begin():
@@ -326,7 +315,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
             if (ops & 255) == 0:
                 now = time.monotonic()
                 if now >= next_sample:
-                    samples.append(sample(lockstep, window_start + len(lockstep.steps), start))
+                    samples.append(sample(lockstep, lockstep.executed, start))
                     next_sample = now + every
                     if progress:
                         s = samples[-1]
@@ -335,7 +324,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                                  f"{now - start:.0f}s" + (f"/{budget_s:.0f}s" if budget_s else ""))
                 if budget_s is not None and now - start >= budget_s:
                     break
-            if config.max_ops is not None and window_start + len(lockstep.steps) >= config.max_ops:
+            if config.max_ops is not None and lockstep.executed >= config.max_ops:
                 break
             enabled = ["serve", "match", "evict", "evict_value", "reset"]
             if len(lockstep.requests) < config.max_running:
@@ -375,11 +364,11 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     except VerificationFailure as exc:
         failure = exc
         window = list(lockstep.steps)
-        begin_map = {rid: i for rid, i in begin_at.items()}
+        begin_map = dict(begin_at)
     except KeyboardInterrupt:
         interrupted = True
     elapsed = time.monotonic() - start
-    total_ops = window_start + len(lockstep.steps)
+    total_ops = lockstep.executed
     samples.append(sample(lockstep, total_ops, start))
 
     trace = trace_path = shrink_info = None
@@ -389,7 +378,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         unshrunk = Trace(implementations=list(impls), block_size=config.block_size,
                          capacity_pages=capacity, steps=window, failure=failure.as_dict(),
                          meta={"workload": config.workload, "source": "soak",
-                               "seed": config.seed, "global_step": window_start + (failure.step or 0)})
+                               "seed": config.seed, "global_step": lockstep.forgotten + (failure.step or 0)})
         trace, shrink_info = shrink(unshrunk, begin_map, seconds=config.shrink_seconds)
         if not shrink_info["reproduced"]:
             trace.meta["note"] = ("did not reproduce from the last flush on fresh lanes: the "
@@ -417,7 +406,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         "lockstep_operations": total_ops,
         "implementation_operations": total_ops * lanes,
         "ops_per_second": round(total_ops / elapsed, 1) if elapsed else 0.0,
-        "rules": dict(rules), "flushes": flushes, "invariant_checks": checks,
+        "rules": dict(rules), "flushes": flushes, "invariant_checks": lockstep.checks,
         "rejected_requests": lockstep.rejected,
         "overhead": {
             "wall_seconds": round(elapsed, 3),
