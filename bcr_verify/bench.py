@@ -131,25 +131,24 @@ def bench(impls: list[str] | None = None, block_size: int = 16, requests: int = 
     report = {"implementations": chosen, "not_run": not_run, "block_size": block_size,
               "requests": requests, "sweep_requests": sweep_requests, "seed": seed,
               "workloads": {}, "overlap_sweep": {}}
-    for workload in workloads:
-        pool = build_workload(workload, tokenizer, seed=seed)
+    def drive_all(label: str, pool: list[list[int]], count: int) -> tuple[int, dict]:
+        """Every chosen implementation on the same ``pool``; (pool pages, rows by impl)."""
         capacity = pool_capacity(pool, block_size)
         rows = {}
         for impl in chosen:
             if progress:
-                progress(f"{workload}: {impl}")
-            rows[impl] = drive(impl, pool, block_size, capacity, requests, seed)
+                progress(f"{label}: {impl}")
+            rows[impl] = drive(impl, pool, block_size, capacity, count, seed)
+        return capacity, rows
+
+    for workload in workloads:
+        pool = build_workload(workload, tokenizer, seed=seed)
+        capacity, rows = drive_all(workload, pool, requests)
         report["workloads"][workload] = {"capacity_pages": capacity, "pool": len(pool),
                                          "results": rows}
     for ratio in ratios:
-        pool = overlap_prompts(ratio, seed)
-        capacity = pool_capacity(pool, block_size)
-        rows = {}
-        for impl in chosen:
-            if progress:
-                progress(f"overlap {ratio}: {impl}")
-            rows[impl] = drive(impl, pool, block_size, capacity, sweep_requests, seed)
-        report["overlap_sweep"][str(ratio)] = rows
+        _, report["overlap_sweep"][str(ratio)] = drive_all(
+            f"overlap {ratio}", overlap_prompts(ratio, seed), sweep_requests)
     try:
         import os
         report["load_average"] = [round(x, 2) for x in os.getloadavg()]
