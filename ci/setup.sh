@@ -2,6 +2,8 @@
 # Set up .venv from nothing: torch from this machine's local wheels, sglang without its CUDA
 # tree, the small set its cache modules import, and bcr_verify itself (editable).
 # Idempotent: a stamp holding the hash of every requirement file skips a set-up already done.
+# pip's own output (including the expected complaints about sglang's unmet CUDA-side
+# requirements, which --no-deps leaves out on purpose) goes to .venv/setup.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,7 +13,15 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+log=.venv/setup.log
+: > "$log"
+pip() {
+  if ! .venv/bin/python -m pip --disable-pip-version-check -q "$@" >> "$log" 2>&1; then
+    echo "setup: pip $* failed; its output:" >&2
+    tail -40 "$log" >&2
+    exit 1
+  fi
+}
 echo "setup: torch (local wheels) ..." >&2
 pip install -r requirements/torch.txt
 echo "setup: sglang==0.5.23 without its CUDA dependency tree ..." >&2
@@ -21,4 +31,4 @@ echo "setup: test tools and bcr_verify ..." >&2
 pip install -r requirements/dev.txt
 pip install --no-deps -e .
 echo "$want" > "$stamp"
-echo "setup: done" >&2
+echo "setup: done (pip's log: $log)" >&2
