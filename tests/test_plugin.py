@@ -123,3 +123,35 @@ def test_planted_bug_trace_written_and_replayed(project):
         "def make_buggy(block_size):\n    return Buggy(", "def make_buggy(block_size):\n    return ReferenceCache("))
     out = pytest_run(project, "--bcr-replay-corpus", "-k", "replay")
     assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-2000:]
+
+
+def test_ci_profile_is_reproducible(project):
+    """The PR gate runs the same examples every time: three runs, one set of statistics."""
+    runs = [pytest_run(project, "--hypothesis-profile", "ci", "-k", "lockstep",
+                       "--hypothesis-show-statistics", env={"CI": "true"}) for _ in range(3)]
+    for out in runs:
+        assert out.returncode == 0, out.stdout[-2000:]
+    stats = [[line for line in out.stdout.splitlines() if "rule:" in line] for out in runs]
+    assert stats[0] and stats[0] == stats[1] == stats[2]
+
+
+def test_an_implementation_that_raises_fails_the_test_with_a_saved_trace(project):
+    # a later make_buggy replaces the fixture's one
+    (project / "mycache.py").write_text(textwrap.dedent(PROJECT["mycache.py"]) + textwrap.dedent("""
+        class Raises(ReferenceCache):
+            def insert(self, token_ids, block_values):
+                if len(token_ids) > 40:
+                    raise KeyError("node vanished")
+                return super().insert(token_ids, block_values)
+
+        def make_buggy(block_size):
+            return Raises(block_size)
+    """))
+    out = pytest_run(project, "--hypothesis-profile", "dev", "-k", "lockstep",
+                     env={"BUGGY": "1"})
+    assert out.returncode == 1, out.stdout[-3000:]
+    assert "implementation raised" in out.stdout and "KeyError" in out.stdout
+    assert "--hypothesis-seed=" in out.stdout
+    (trace,) = (project / "found").glob("KeyError-*.json")
+    out = pytest_run(project, "--bcr-replay-corpus", "-k", "replay", env={"BUGGY": "1"})
+    assert out.returncode == 1 and "implementation raised" in out.stdout, out.stdout[-2000:]
