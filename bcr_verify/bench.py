@@ -262,7 +262,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("bench", help="per-operation p50/p99 latency and hit rate for "
                               "every implementation on the same workloads, plus an overlap sweep")
-    add_impl_args(p)
+    add_impl_args(p, faults=False)
     p.set_defaults(workload=None)
     p.add_argument("--requests", type=_positive_int("--requests"), default=2000,
                    help="requests per implementation and workload (default 2000)")

@@ -1,7 +1,9 @@
 """``bcr-verify``: the command line, a thin layer over :mod:`bcr_verify.runner` and friends.
 
-Exit codes: 0 no divergence or violation found; 1 one was found (its trace is printed and
-saved); 2 bad usage (the message names the argument).
+Exit codes are a contract (``EXIT_CODES``, shown in ``--help``). Commands that drive
+implementations (``run``, ``soak``, ``replay``, ``mutants``) do their work in a supervised
+child process (:mod:`bcr_verify.supervise`), so a crash or a hang in native code is a
+reported finding with a saved trace instead of the end of the harness.
 """
 
 from __future__ import annotations
@@ -9,10 +11,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
+import signal
 import sys
+import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bcr_verify.errors import UsageError  # noqa: E402
+
+EXIT_PASS, EXIT_FINDING, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = """\
+exit codes:
+  0    pass: nothing found (warnings say when a pass could be vacuous)
+  1    a finding about an implementation: divergence, invariant violation, implementation
+       raised, hung or crashed, or (soak) growth; its trace is saved and printed
+  2    usage or set-up error: a bad argument (named), an output that could not be written,
+       a missing optional dependency, a factory that cannot build a cache, a malformed trace
+  3    internal error of bcr_verify itself (please report it, with the traceback)
+  130  interrupted (SIGINT / SIGTERM): the report so far is written; a failure found before
+       the interrupt is exit 1 with the best trace so far
+"""
 
 EPILOG = """\
 examples:
@@ -24,14 +44,11 @@ examples:
 
 A divergence exits 1, prints the shrunk trace and saves it under --trace-dir; each failure ends
 with the command that reproduces it.
-"""
+
+""" + EXIT_CODES
 
 COMMAND_MODULES = ("bcr_verify.soak", "bcr_verify.bench", "bcr_verify.mutants")
 """Modules that add their own subcommand through ``register(subparsers)``."""
-
-
-class UsageError(Exception):
-    pass
 
 
 def _positive(convert, name):
@@ -43,6 +60,8 @@ def _positive(convert, name):
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
+        if convert is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {text!r}")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}" if convert is int
                                              else f"{name} must be > 0, got {value}")
@@ -58,8 +77,9 @@ def _positive_float(name):
     return _positive(float, name)
 
 
-def add_impl_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs implementations."""
+def add_impl_args(parser: argparse.ArgumentParser, faults: bool = True) -> None:
+    """Options shared by every command that runs implementations; ``faults``: with the
+    timeout and supervision options of commands that report hangs and crashes."""
     parser.add_argument("--impl", action="append", dest="impls", metavar="NAME",
                         help="an implementation from `bcr-verify impls`, or module:attr naming a "
                              "factory that takes the block size; repeat for several "
@@ -70,6 +90,21 @@ def add_impl_args(parser: argparse.ArgumentParser) -> None:
                         help="prompt family from the real tokenizer (default mixed); see "
                              "`bcr-verify impls --workloads`")
     parser.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
+    if faults:
+        add_fault_args(parser)
+
+
+def add_fault_args(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that calls into implementations."""
+    from bcr_verify.guard import DEFAULT_OP_TIMEOUT
+
+    parser.add_argument("--op-timeout", type=_positive_float("--op-timeout"),
+                        default=DEFAULT_OP_TIMEOUT, metavar="S",
+                        help="seconds one call into an implementation may take before it is "
+                             f"reported as hung (default {DEFAULT_OP_TIMEOUT:g})")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run in this process, without the supervising parent: a crash of "
+                             "an implementation then ends bcr-verify too (for debuggers)")
 
 
 def cmd_impls(args) -> int:
@@ -117,18 +152,22 @@ def cmd_run(args) -> int:
     config = RunConfig(
         implementations=args.impls, block_size=args.block_size, seed=args.seed,
         max_steps=None if args.minutes else args.max_steps, minutes=args.minutes,
-        workload=args.workload, kv_replay=args.kv_replay, trace_dir=args.trace_dir)
+        workload=args.workload, kv_replay=args.kv_replay, trace_dir=args.trace_dir,
+        op_timeout=args.op_timeout)
     show = None if args.quiet else progress_printer()
     result = run(config, progress=show)
+    if show:
+        show("", final=True)
+    report = result.as_dict()
     if args.json:
-        write_json(result, args.json)
-    print_report(result.as_dict())
-    if not result.ok:
+        write_json(report, args.json)
+    print_report(report)
+    if result.failure is not None:
         print("\n" + result.failure.render())
         print(f"\ntrace saved: {result.trace_path}")
         print(f"reproduce with: bcr-verify replay {result.trace_path}")
-        return 1
-    return 0
+        return EXIT_FINDING
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_PASS
 
 
 def print_report(report: dict) -> None:
@@ -139,6 +178,9 @@ def print_report(report: dict) -> None:
           f"{report['seed']}, kv replay {'on' if report['kv_replay_enabled'] else 'off'}")
     print(f"{report['steps']} steps in {report['examples']} examples, {report['seconds']} s "
           f"({report['steps_per_second']} steps/s); operations: {report['operations']}")
+    if report.get("shrink_steps"):
+        print(f"shrinking: {report['shrink_steps']} more steps in {report['shrink_examples']} "
+              "examples (not counted above)")
     header = f"{'implementation':<22}{'lookups':>8}{'hits':>7}{'hit rate':>9}{'evictions':>10}" \
              f"{'evicted tok':>12}{'dup freed':>10}"
     print(header)
@@ -150,47 +192,143 @@ def print_report(report: dict) -> None:
         print(f"kv replay: {report['kv_replay']}")
     for warning in report.get("vacuous_warnings", []):
         print(f"WARNING (pass may be vacuous): {warning}")
-    verdict = "PASS" if report["ok"] else f"FAIL: {report['failure']['kind']}"
-    print(verdict)
+    for note in report.get("notes", []):
+        print(f"note: {note}")
+    print(verdict_line(report))
+
+
+def verdict_line(report: dict) -> str:
+    failure = report.get("failure")
+    if failure:
+        line = f"FAIL: {failure['kind']} in {failure['impl']} [{failure['check']}]"
+        return line + (" (interrupted while shrinking)" if report.get("interrupted") else "")
+    return "INTERRUPTED (not a pass: the run did not finish)" if report.get("interrupted") \
+        else "PASS"
+
+
+def report_death(args, death, command: str) -> int:
+    """The parent's report when the supervised child died: trace from the journal, JSON."""
+    from bcr_verify.provenance import provenance
+    from bcr_verify.runner import write_json
+
+    trace = death.trace(meta={"seed": getattr(args, "seed", None), "command": command})
+    path = None
+    if trace is not None and trace.steps and death.kind != "interrupted":
+        path = str(trace.save(args.trace_dir))
+    failure = None if death.kind == "interrupted" else death.failure()
+    report = {
+        "verdict": "interrupted" if failure is None else "fail", "ok": False,
+        "interrupted": failure is None, "failure": failure, "trace": path,
+        "note": "the process running the implementations died; the counts of what ran "
+                "before were lost with it, the steps since its lanes were fresh were not",
+        "provenance": provenance(list((death.origin or {}).get("implementations", []))),
+    }
+    if getattr(args, "json", None):
+        write_json(report, args.json)
+    if failure is None:
+        print(f"INTERRUPTED: {death.how}")
+        return EXIT_INTERRUPTED
+    print(f"FAIL: {failure['kind']} in {failure['impl']} at step {failure['step']}: "
+          f"{failure['detail']}")
+    if trace is not None and path:
+        print("\n" + trace.render())
+        print(f"\ntrace saved: {path}")
+        print(f"reproduce with: bcr-verify replay {path}")
+    else:
+        print("no trace: the process died before its first step")
+    return EXIT_FINDING
 
 
 def cmd_replay(args) -> int:
-    """Replay each trace without Hypothesis; exit 1 if any still fails, 2 if one is unreadable."""
-    from bcr_verify.errors import AdapterUnavailable
-    from bcr_verify.trace import Trace, replay
+    """Replay each trace without Hypothesis, each in its own supervised process.
 
-    worst = 0
+    Exit 1 if any still fails, 2 if one could not be read or replayed here, 130 when
+    interrupted; one bad file never stops the others.
+    """
+    from bcr_verify.supervise import supervised
+    from bcr_verify.trace import Trace
+
+    worst = EXIT_PASS
     for path in args.traces:
-        trace = Trace.load(path)
+        print(f"== {path}", flush=True)
         try:
-            failure, lockstep = replay(trace, implementations=args.impls)
-        except AdapterUnavailable as exc:
-            print(f"== {path}\nNOT RUN: {exc}")
-            worst = max(worst, 2)
+            trace = Trace.load(path)
+        except UsageError as exc:
+            print(f"bcr-verify replay: error: {exc}", file=sys.stderr)
+            worst = max(worst, EXIT_USAGE)
             continue
-        print(f"== {path}")
-        print(side_by_side(trace, lockstep, implementations=args.impls))
-        if failure is None:
-            print("PASS: replayed cleanly, no divergence (fixed, or run on other implementations)")
+        if args.in_process:
+            code = _execute(lambda: _replay_one(args, trace))
         else:
-            print(f"FAILS: {failure}")
-            worst = max(worst, 1)
+            code = supervised(lambda: _execute(lambda: _replay_one(args, trace)),
+                              lambda death: _replay_death(death, trace), args.op_timeout)
+        if code == EXIT_INTERRUPTED:
+            return code
+        worst = max(worst, code)
     return worst
 
 
-def side_by_side(trace, lockstep=None, implementations=None) -> str:
-    """The trace's steps, one row each, with one column per implementation.
+def _replay_one(args, trace) -> int:
+    from bcr_verify.errors import AdapterUnavailable
+    from bcr_verify.provenance import provenance
 
-    Replays ``trace`` afresh (deterministic) to see what each implementation did at each step:
-    for lookups the tokens matched and the last pages, otherwise cached blocks / free pages.
-    The step that failed, and the implementation that failed it, are marked.
+    names = list(args.impls or trace.implementations)
+    now = provenance(names)["implementations"]
+    recorded = trace.versions or {}
+    print(f"recorded on: {_versions(recorded) if recorded else 'unknown (an older trace)'}")
+    print(f"replaying on: {_versions(now)}")
+    try:
+        text, failure = side_by_side(trace, implementations=args.impls,
+                                     op_timeout=args.op_timeout)
+    except AdapterUnavailable as exc:
+        print(f"NOT RUN: {exc}")
+        return EXIT_USAGE
+    print(text)
+    if failure is None:
+        print("PASS: replayed cleanly, no divergence (fixed, or run on other implementations)")
+        return EXIT_PASS
+    same = _same_failure(failure.as_dict(), trace.failure)
+    print(f"FAILS: {failure}" + (" (as recorded)" if same else ""))
+    return EXIT_FINDING
+
+
+def _replay_death(death, trace) -> int:
+    if death.kind == "interrupted":
+        print(f"INTERRUPTED: {death.how}")
+        return EXIT_INTERRUPTED
+    failure = death.failure()
+    same = _same_failure(failure, trace.failure)
+    print(trace.render())
+    print(f"FAILS: {failure['kind']} in {failure['impl']} at step {failure['step']}: "
+          f"{failure['detail']}" + (" (as recorded)" if same else ""))
+    return EXIT_FINDING
+
+
+def _same_failure(got: dict, recorded: dict | None) -> bool:
+    return bool(recorded) and all(got.get(k) == recorded.get(k)
+                                  for k in ("kind", "impl", "check", "step"))
+
+
+def _versions(versions: dict) -> str:
+    return ", ".join(f"{name}: {v}" for name, v in versions.items())
+
+
+def side_by_side(trace, implementations=None, op_timeout=None) -> tuple[str, object]:
+    """Replay ``trace`` and show its steps, one row each, one column per implementation.
+
+    For lookups a cell shows the tokens matched and the last pages, otherwise cached blocks /
+    free pages. The step that failed, and the implementation that failed it, are marked.
+    Returns the text and the failure (None if it replayed cleanly). A step that does not
+    apply here is a :class:`UsageError` naming it.
     """
-    from bcr_verify.errors import VerificationFailure
+    from bcr_verify.errors import FatalFinding, VerificationFailure
+    from bcr_verify.guard import DEFAULT_OP_TIMEOUT
     from bcr_verify.session import build_lockstep
 
     names = list(implementations or trace.implementations)
     replayed = build_lockstep(names, trace.block_size, trace.capacity_pages,
-                              kv_replay=trace.kv_replay)
+                              kv_replay=trace.kv_replay,
+                              op_timeout=op_timeout or DEFAULT_OP_TIMEOUT)
     seen: dict[str, tuple[int, list[int]]] = {}
     for lane in replayed.lanes:
         def spy(tokens, _match=lane.adapter.match, _name=lane.name):
@@ -205,14 +343,18 @@ def side_by_side(trace, lockstep=None, implementations=None) -> str:
         seen.clear()
         try:
             replayed.apply(step)
-        except VerificationFailure as exc:
+        except (VerificationFailure, FatalFinding) as exc:
             failure = exc
+        except UsageError as exc:
+            raise UsageError(f"step {i} ({step.get('op')}) does not apply here: {exc}") from None
         cells = []
         for lane in replayed.lanes:
             if lane.name in seen:
                 length, pages = seen[lane.name]
                 tail = ",".join(map(str, pages[-3:]))
                 cell = f"{length} tok [..{tail}]" if pages else f"{length} tok"
+            elif failure is not None:
+                cell = "-"  # a failed lane may raise or hang again when asked
             else:
                 cell = f"{len(lane.shadow)} cached/{lane.adapter.available_pages()} free"
             if failure is not None and failure.impl == lane.name:
@@ -225,11 +367,10 @@ def side_by_side(trace, lockstep=None, implementations=None) -> str:
     lines = header + ["  ".join(cell[:w].ljust(w) for cell, w in zip(row, widths)).rstrip()
                       for row in rows]
     if failure is not None:
-        lines.append(f"# {failure.kind} in {failure.impl} at step {failure.step} "
-                     f"[{failure.check}]: {failure.detail}")
-    elif len(trace.steps) + 1 != len(rows):
-        lines.append("# stopped early")
-    return "\n".join(lines)
+        f = failure.as_dict()
+        lines.append(f"# {f['kind']} in {f['impl']} at step {f['step']} [{f['check']}]: "
+                     f"{f['detail']}")
+    return "\n".join(lines), failure
 
 
 def _step_text(step: dict) -> str:
@@ -275,20 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-dir", default="corpus/traces",
                    help="where a failure's trace is saved (default corpus/traces)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, supervise=True)
 
-    p = sub.add_parser("replay", help="re-run saved traces without Hypothesis")
+    p = sub.add_parser("replay", help="re-run saved traces without Hypothesis",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES)
     p.add_argument("traces", nargs="+", metavar="TRACE", help="trace JSON files")
     p.add_argument("--impl", action="append", dest="impls", metavar="NAME",
                    help="replay on these implementations instead of the trace's own")
+    add_fault_args(p)
     p.set_defaults(func=cmd_replay)
 
     for module in COMMAND_MODULES:
-        try:
-            importlib.import_module(module).register(sub)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -297,15 +436,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
-        return args.func(args)
-    except ValueError as exc:
+        from bcr_verify import preflight
+        preflight.check(args)
+    except UsageError as exc:
         print(f"bcr-verify {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    work = lambda: _execute(lambda: args.func(args), args.command)  # noqa: E731
+    if getattr(args, "supervise", False) and not args.in_process:
+        from bcr_verify.supervise import supervised
+        return supervised(work, lambda death: report_death(args, death, args.command),
+                          args.op_timeout)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        return work()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _execute(work, command: str = "replay") -> int:
+    """``work()``'s exit code, with every error mapped onto the exit-code contract."""
+    try:
+        return work()
+    except UsageError as exc:
+        print(f"bcr-verify {command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001 - anything else is our own bug, and says so
+        traceback.print_exc()
+        print(f"bcr-verify {command}: internal error (exit 3): the traceback above is "
+              "bcr_verify's own, not the implementation's; please report it", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _sigterm_as_interrupt(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt("SIGTERM")
 
 
 if __name__ == "__main__":

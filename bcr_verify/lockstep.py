@@ -13,17 +13,64 @@ pages, unlock) or is *aborted*; plus plain lookups, evictions and a cache flush.
 operation each lane's invariants run. Every operation is recorded, so a failure comes with the
 trace that replays it (:mod:`bcr_verify.trace`). The Hypothesis machine, the soak driver and
 trace replay are all thin layers over this class.
+
+Every call into an implementation goes through :func:`bcr_verify.guard.guard`, so one that
+raises, or runs past ``op_timeout``, is a finding like a divergence; in a supervised process
+each step is also journalled before it runs (:mod:`bcr_verify.journal`), so a crash leaves
+its trace behind.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from bcr_verify import journal
 from bcr_verify.adapters.base import CacheAdapter
-from bcr_verify.errors import Divergence, InvariantViolation, VerificationFailure
+from bcr_verify.errors import (
+    Divergence, FatalFinding, InvariantViolation, UsageError, VerificationFailure,
+)
+from bcr_verify.guard import BEACON, DEFAULT_OP_TIMEOUT, STEP, WATCHDOG, guard
 from bcr_verify.models.reference import ReferenceCache
+
+
+class BudgetSpent(BaseException):
+    """The step budget is used up: ends a run where it stands (a BaseException, so that
+    Hypothesis stops at once rather than treating it as a failure to shrink)."""
+
+
+class StepBudget:
+    """At most ``limit`` steps while searching; steps run while shrinking are counted apart.
+
+    Shared by every lockstep of a run (one per Hypothesis example). ``limit=None``: no cap.
+    """
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
+        self.searched = 0
+        self.shrinking = False
+        self.shrink_steps = 0
+        self.found_at: float | None = None
+        """``time.monotonic()`` when the first failure was found and shrinking began."""
+        self.on_found = None
+        """Called with the first failure, e.g. to say that shrinking has begun."""
+
+    def found(self, failure) -> None:
+        if not self.shrinking:
+            self.shrinking = True
+            self.found_at = time.monotonic()
+            if self.on_found:
+                self.on_found(failure)
+
+    def take(self) -> None:
+        if self.shrinking:
+            self.shrink_steps += 1
+            return
+        if self.limit is not None and self.searched >= self.limit:
+            raise BudgetSpent()
+        self.searched += 1
 
 
 @dataclass
@@ -89,20 +136,50 @@ class Observer:
         return {}
 
 
+STEP_ARGS = {"begin": {"tokens": "tokens"}, "finish": {"rid": "int"}, "abort": {"rid": "int"},
+             "match": {"tokens": "tokens"}, "evict": {"num_tokens": "int"},
+             "evict_value": {"pick": "int"}, "reset": {}}
+"""Each recorded operation and its arguments, as a trace stores them."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int_list(value) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
 class Lockstep:
-    """Drive ``adapters`` in lockstep. ``check_every`` = 1 runs invariants after every step."""
+    """Drive ``adapters`` in lockstep. ``check_every`` = 1 runs invariants after every step.
+
+    ``op_timeout``: seconds one implementation call may take (None: no limit). ``origin``:
+    how to rebuild these lanes (implementations, block size, capacity), for the journal.
+    ``budget``: a :class:`StepBudget` shared across locksteps.
+    """
 
     def __init__(self, adapters: Sequence[CacheAdapter], check_every: int = 1,
-                 observers: Sequence[Observer] = ()):
+                 observers: Sequence[Observer] = (), op_timeout: float | None = DEFAULT_OP_TIMEOUT,
+                 origin: dict | None = None, budget: StepBudget | None = None):
         if not adapters:
-            raise ValueError("adapters: need at least one implementation to verify")
+            raise UsageError("adapters: need at least one implementation to verify")
         names = [a.name for a in adapters]
         if len(set(names)) != len(names):
-            raise ValueError(f"adapters: names must be unique, got {names}")
+            raise UsageError(f"adapters: names must be unique, got {names}")
         sizes = {a.contract.block_size for a in adapters}
         if len(sizes) != 1:
-            raise ValueError(f"adapters: all must share one block size, got {sorted(sizes)}")
+            raise UsageError(f"adapters: all must share one block size, got {sorted(sizes)}")
         self.block_size = sizes.pop()
+        for index, adapter in enumerate(adapters):
+            guard(adapter, index)
+        BEACON.lanes = names
+        self.watched = WATCHDOG.arm(op_timeout)
+        """Whether a hang is detected in this process (main thread only)."""
+        self.origin = origin
+        self.budget = budget
+        self.journal = journal.JOURNAL if origin is not None else None
+        if self.journal:
+            self.journal.fresh(origin)
         self.lanes = [Lane(a) for a in adapters]
         self.check_every = check_every
         self.observers = list(observers)
@@ -172,12 +249,20 @@ class Lockstep:
         follows replays from here; long drivers call it so memory stays flat."""
         self.forgotten += len(self.steps)
         self.steps.clear()
+        if self.journal:
+            self.journal.fresh(self.origin)
 
     def apply(self, step: dict) -> Any:
         """Replay one recorded step (see :mod:`bcr_verify.trace`)."""
         op, args = step["op"], step.get("args", {})
-        if op not in ("begin", "finish", "abort", "match", "evict", "evict_value", "reset"):
-            raise ValueError(f"step: unknown op {op!r}")
+        if op not in STEP_ARGS:
+            raise UsageError(f"step: unknown op {op!r}; known: {', '.join(STEP_ARGS)}")
+        if set(args) != set(STEP_ARGS[op]) or not all(
+                _is_int_list(args[k]) if kind == "tokens" else _is_int(args[k])
+                for k, kind in STEP_ARGS[op].items()):
+            want = ", ".join(f"{k}: {'list of ints' if v == 'tokens' else 'int'}"
+                             for k, v in STEP_ARGS[op].items())
+            raise UsageError(f"step: {op} takes {{{want}}}, got {args!r:.120}")
         return getattr(self, op)(**args)
 
     # ----------------------------------------------------------------- reporting
@@ -197,17 +282,19 @@ class Lockstep:
     # ----------------------------------------------------------------- internals
 
     def _step(self, op: str, args: dict, run) -> Any:
+        if self.budget is not None:
+            self.budget.take()
         index = len(self.steps)
         self.steps.append({"op": op, "args": args})
+        BEACON.slots[STEP] = index
+        if self.journal:
+            self.journal.step(op, args)
         try:
             result = run()
             if self.check_every and index % self.check_every == 0:
                 self.check()
-        except VerificationFailure as failure:
+        except (VerificationFailure, FatalFinding) as failure:
             raise failure.at_step(index)
-        except AssertionError as exc:  # an implementation's own assertion fired
-            raise Divergence(_culprit(exc), "assertion", f"{type(exc).__name__}: {exc}").at_step(
-                index) from exc
         return result
 
     def check(self) -> None:
@@ -276,9 +363,9 @@ class Lockstep:
         return rid
 
     def _alloc(self, lane: Lane, n: int) -> list[int] | None:
-        short = n - lane.adapter.available_pages()
-        if short > 0:
-            self._evict_lru(lane, short * self.block_size)
+        missing = n - lane.adapter.available_pages()
+        if missing > 0:
+            self._evict_lru(lane, missing * self.block_size)
         pages = lane.adapter.alloc(n)
         if pages is None:
             return None
@@ -298,7 +385,8 @@ class Lockstep:
 
     def _end(self, rid: int, finished: bool) -> None:
         if rid not in self.requests:
-            raise ValueError(f"rid: no running request {rid}")
+            raise UsageError(f"rid: no running request {rid} (a trace whose begin was refused "
+                             "or never ran here: replayed at another block size or capacity?)")
         tokens, held = self.requests.pop(rid)
         for lane in self.lanes:
             h = held[lane.name]
@@ -362,14 +450,6 @@ class Lockstep:
 
     def _lane(self, name: str) -> Lane:
         return next(l for l in self.lanes if l.name == name)
-
-
-def _culprit(exc: BaseException) -> str:
-    """The module whose code raised ``exc``: the implementation that asserted."""
-    tb = exc.__traceback__
-    while tb and tb.tb_next:
-        tb = tb.tb_next
-    return tb.tb_frame.f_globals.get("__name__", "?") if tb else "?"
 
 
 def short(values: Sequence[int], around: int = 0, limit: int = 12) -> str:

@@ -24,7 +24,9 @@ from hypothesis.stateful import (
     Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule,
 )
 
-from bcr_verify.errors import VerificationFailure
+from bcr_verify.errors import FatalFinding, VerificationFailure
+from bcr_verify.guard import DEFAULT_OP_TIMEOUT
+from bcr_verify.lockstep import StepBudget
 from bcr_verify.trace import Trace
 
 
@@ -39,6 +41,10 @@ class LockstepMachine(RuleBasedStateMachine):
     """Pool size per implementation; None sizes it from the workload so evictions happen."""
     max_running: int = 3
     """Requests running at once; more would pin most of a small pool and starve the cache."""
+    op_timeout: float | None = DEFAULT_OP_TIMEOUT
+    """Seconds one implementation call may take before it is reported hung."""
+    budget: StepBudget | None = None
+    """Shared by every example of a run: caps the steps searched, counts the steps shrunk."""
 
     last_failure: Trace | None = None
     """The trace of the most recent failing example (the shrunk one, once Hypothesis is done)."""
@@ -52,8 +58,10 @@ class LockstepMachine(RuleBasedStateMachine):
         source = prompt_source(self.workload, self.block_size)
         self._prompts = source.strategy
         self._capacity = self.capacity_pages or source.capacity_pages
+        self._shrinking = bool(self.budget and self.budget.shrinking)
         self.lockstep = build_lockstep(self.implementations, self.block_size, self._capacity,
-                                       kv_replay=self.kv_replay)
+                                       kv_replay=self.kv_replay, op_timeout=self.op_timeout,
+                                       budget=self.budget)
         self._explicit = any(l.adapter.contract.eviction == "explicit"
                              for l in self.lockstep.lanes)
 
@@ -61,7 +69,7 @@ class LockstepMachine(RuleBasedStateMachine):
     def configure(cls, name: str = "ConfiguredLockstepMachine", **attrs) -> type["LockstepMachine"]:
         """A subclass with ``attrs`` set, e.g. ``configure(implementations=[...], block_size=1)``."""
         unknown = set(attrs) - {"implementations", "block_size", "workload", "kv_replay",
-                                "capacity_pages", "max_running"}
+                                "capacity_pages", "max_running", "op_timeout", "budget"}
         if unknown:
             raise TypeError(f"configure() got unknown settings {sorted(unknown)}")
         return type(name, (cls,), {**attrs, "last_failure": None})
@@ -69,12 +77,14 @@ class LockstepMachine(RuleBasedStateMachine):
     def _run(self, operation, *args):
         try:
             return operation(*args)
-        except VerificationFailure as failure:
+        except (VerificationFailure, FatalFinding) as failure:
             type(self).last_failure = Trace(
                 implementations=list(self.implementations), block_size=self.block_size,
                 capacity_pages=self._capacity, steps=list(self.lockstep.steps),
                 failure=failure.as_dict(), kv_replay=self.kv_replay,
                 meta={"workload": self.workload, "source": "hypothesis"})
+            if self.budget is not None:
+                self.budget.found(failure)  # Hypothesis shrinks from here on
             raise
 
     @rule(data=st.data())
@@ -130,4 +140,7 @@ class LockstepMachine(RuleBasedStateMachine):
 
     def teardown(self):
         from bcr_verify.session import TOTALS
-        TOTALS.add(self.lockstep)
+        if self._shrinking:
+            TOTALS.shrink_examples += 1
+        else:
+            TOTALS.add(self.lockstep)

@@ -31,7 +31,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -293,7 +292,8 @@ class TraceItem(pytest.Item):
         except AdapterUnavailable as exc:
             pytest.skip(f"trace {self.path.name}: an implementation cannot be built here: {exc}")
         if failure is not None:
-            raise TraceReplayFailed(f"{failure}\n\n{side_by_side(trace, lockstep)}")
+            text, _ = side_by_side(trace)
+            raise TraceReplayFailed(f"{failure}\n\n{text}")
 
     def repr_failure(self, excinfo):
         if isinstance(excinfo.value, TraceReplayFailed):

@@ -2,13 +2,21 @@
 
 Hypothesis runs in chunks of examples, each chunk with its own seed derived from the run's
 seed, until the budget is spent; this gives progress between chunks and a budget in steps or
-minutes, which Hypothesis's own settings cannot express. A failure stops the run, is shrunk by
-Hypothesis, saved as a trace and printed with the command that replays it.
+minutes, which Hypothesis's own settings cannot express. The step budget is exact: the step
+after the last one allowed ends the run where it stands (:class:`~bcr_verify.lockstep.StepBudget`).
+A failure stops the search; Hypothesis shrinks it (those steps are counted apart), and it is
+saved as a trace and printed with the command that replays it.
+
+Every way a run can end is a :attr:`RunResult.verdict`: ``pass``, ``fail`` (a divergence,
+an invariant violation, an implementation that raised or hung), or ``interrupted``
+(SIGINT / SIGTERM; the best failing trace so far is still saved, and the report written).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +25,27 @@ from hypothesis import HealthCheck, Phase, seed as hypothesis_seed, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from bcr_verify.adapters.registry import DEFAULT, resolve
-from bcr_verify.errors import VerificationFailure
+from bcr_verify.errors import FatalFinding, UsageError
+from bcr_verify.guard import DEFAULT_OP_TIMEOUT
+from bcr_verify.lockstep import BudgetSpent, StepBudget
 from bcr_verify.machine import LockstepMachine
 from bcr_verify.session import TOTALS, vacuity_warnings
 from bcr_verify.trace import Trace
 
 STEPS_PER_EXAMPLE = 50
 EXAMPLES_PER_CHUNK = 10
+
+COUNTS = {
+    "steps": "lockstep steps executed while searching (each one operation on every "
+             "implementation); at most --max-steps",
+    "examples": "Hypothesis examples run while searching, each on fresh lanes",
+    "shrink_steps": "lockstep steps executed while Hypothesis shrank a failure (not in steps)",
+    "shrink_examples": "examples Hypothesis ran while shrinking",
+    "implementations.*.lookups": "prefix matches checked against the model (searching only)",
+    "implementations.*.hits": "lookups that matched at least one block",
+    "implementations.*.evictions": "evictions that freed at least one page",
+}
+"""What each count in the JSON report counts; written into the report itself."""
 
 
 @dataclass
@@ -37,6 +59,7 @@ class RunConfig:
     workload: str = "mixed"
     kv_replay: bool = False
     trace_dir: str = "corpus/traces"
+    op_timeout: float | None = DEFAULT_OP_TIMEOUT
 
 
 @dataclass
@@ -49,22 +72,33 @@ class RunResult:
     failure: Trace | None = None
     trace_path: str | None = None
     warnings: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+    first_failure_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
-        return self.failure is None
+        return self.failure is None and not self.interrupted
+
+    @property
+    def verdict(self) -> str:
+        if self.failure is not None:
+            return "fail"
+        return "interrupted" if self.interrupted else "pass"
 
     def as_dict(self) -> dict:
         return {
-            "ok": self.ok, "implementations": self.implementations, "not_run": self.not_run,
+            "verdict": self.verdict, "ok": self.ok, "interrupted": self.interrupted,
+            "implementations": self.implementations, "not_run": self.not_run,
             "block_size": self.config.block_size, "seed": self.config.seed,
             "workload": self.config.workload, "kv_replay_enabled": self.config.kv_replay,
             "seconds": round(self.seconds, 2),
             "steps_per_second": round(self.totals.get("steps", 0) / self.seconds, 1)
             if self.seconds else 0.0,
-            "vacuous_warnings": self.warnings, **self.totals,
+            "vacuous_warnings": self.warnings, "notes": self.notes, **self.totals,
             "failure": self.failure.failure if self.failure else None,
-            "trace": self.trace_path,
+            "trace": self.trace_path, "counts": COUNTS, "provenance": self.provenance,
         }
 
 
@@ -80,62 +114,103 @@ def select_implementations(names: list[str] | None, block_size: int) -> tuple[li
         if why is None:
             chosen.append(name)
         elif names:
-            raise ValueError(f"impl {name!r} is unavailable: {why}")
+            raise UsageError(f"impl {name!r} is unavailable: {why}")
         else:
             not_run[name] = why
     return chosen, not_run
 
 
-def run(config: RunConfig, progress=None) -> RunResult:
+def validate(config: RunConfig) -> None:
+    """Reject a configuration before any work, naming the setting."""
+    from bcr_verify.strategies import WORKLOADS
+
+    if config.workload not in WORKLOADS:
+        raise UsageError(f"workload {config.workload!r} is unknown; choose one of: "
+                         f"{', '.join(WORKLOADS)}")
     if config.max_steps is None and config.minutes is None:
-        raise ValueError("give max_steps or minutes")
+        raise UsageError("give max_steps or minutes")
     if config.max_steps is not None and config.max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
-    if config.minutes is not None and config.minutes <= 0:
-        raise ValueError(f"minutes must be > 0, got {config.minutes}")
+        raise UsageError(f"max_steps must be >= 1, got {config.max_steps}")
+    if config.minutes is not None and not (math.isfinite(config.minutes) and config.minutes > 0):
+        raise UsageError(f"minutes must be a finite number > 0, got {config.minutes}")
+    if config.op_timeout is not None and not (math.isfinite(config.op_timeout)
+                                              and config.op_timeout > 0):
+        raise UsageError(f"op_timeout must be a finite number > 0, got {config.op_timeout}")
+
+
+def run(config: RunConfig, progress=None) -> RunResult:
+    from bcr_verify.provenance import provenance
+
+    validate(config)
     impls, not_run = select_implementations(config.implementations, config.block_size)
+    budget = StepBudget(config.max_steps)
+    if progress:
+        budget.on_found = lambda failure: progress(
+            f"found after {budget.searched} steps: {str(failure):.200}; shrinking it (Ctrl-C keeps the "
+            "smallest failing example so far)", final=True)
     machine = LockstepMachine.configure(
         implementations=impls, block_size=config.block_size, workload=config.workload,
-        kv_replay=config.kv_replay)
+        kv_replay=config.kv_replay, op_timeout=config.op_timeout, budget=budget)
     run_settings = settings(
         max_examples=EXAMPLES_PER_CHUNK, stateful_step_count=STEPS_PER_EXAMPLE, deadline=None,
         database=None, suppress_health_check=list(HealthCheck), print_blob=False,
-        phases=[Phase.generate, Phase.shrink])
+        report_multiple_bugs=False, phases=[Phase.generate, Phase.shrink])
     TOTALS.reset()
     start = time.monotonic()
     deadline = start + config.minutes * 60 if config.minutes else None
     failure = trace_path = None
+    interrupted = False
+    notes: list[str] = []
     chunk = 0
-    while True:
-        if config.max_steps is not None and TOTALS.steps >= config.max_steps:
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        hypothesis_seed(config.seed * 1_000_003 + chunk)(machine)
-        chunk += 1
-        try:
-            run_state_machine_as_test(machine, settings=run_settings)
-        except Exception:
-            if machine.last_failure is None:
-                raise
-            failure = machine.last_failure
-            failure.meta.update(seed=config.seed, chunk=chunk - 1)
-            trace_path = str(failure.save(config.trace_dir))
-            break
-        if progress:
-            s = TOTALS.as_dict()
-            hits = sum(i.get("hits", 0) for i in s["implementations"].values())
-            evictions = sum(i.get("evictions", 0) for i in s["implementations"].values())
-            progress(f"{s['steps']} steps, {s['examples']} examples, {hits} hits, "
-                     f"{evictions} evictions, {time.monotonic() - start:.0f}s")
+    try:
+        while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            hypothesis_seed(config.seed * 1_000_003 + chunk)(machine)
+            chunk += 1
+            try:
+                run_state_machine_as_test(machine, settings=run_settings)
+            except BudgetSpent:
+                break
+            except (Exception, FatalFinding):
+                if machine.last_failure is None:
+                    raise
+                break
+            if progress:
+                s = TOTALS.as_dict()
+                hits = sum(i.get("hits", 0) for i in s["implementations"].values())
+                evictions = sum(i.get("evictions", 0) for i in s["implementations"].values())
+                progress(f"{budget.searched} steps, {s['examples']} examples, {hits} hits, "
+                         f"{evictions} evictions, {time.monotonic() - start:.0f}s")
+    except KeyboardInterrupt:
+        interrupted = True
+        if machine.last_failure is not None:
+            notes.append("interrupted while shrinking: the trace is the smallest failing "
+                         "example found so far")
+    if machine.last_failure is not None:
+        failure = machine.last_failure
+        failure.meta.update(seed=config.seed, chunk=chunk - 1)
+        trace_path = str(failure.save(config.trace_dir))
     totals = TOTALS.as_dict()
+    totals.update(steps=budget.searched, shrink_steps=budget.shrink_steps)
     result = RunResult(config, impls, not_run, totals, time.monotonic() - start, failure,
-                       trace_path)
-    if result.ok:
+                       trace_path, interrupted=interrupted, notes=notes,
+                       provenance=provenance(impls, max_steps=config.max_steps,
+                                             minutes=config.minutes, seed=config.seed,
+                                             block_size=config.block_size,
+                                             workload=config.workload,
+                                             op_timeout=config.op_timeout))
+    if budget.found_at is not None:
+        result.first_failure_seconds = round(budget.found_at - start, 3)
+    if result.verdict == "pass":
         result.warnings = vacuity_warnings(totals, not_run)
     return result
 
 
-def write_json(result: RunResult, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result.as_dict(), indent=2, default=dict))
+def write_json(report: dict, path: str) -> None:
+    """Write ``report`` atomically: a reader never sees half a file, a crash leaves the old."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=dict))
+    os.replace(tmp, target)

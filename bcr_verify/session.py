@@ -17,22 +17,29 @@ from typing import Callable, Sequence
 from hypothesis import strategies as st
 
 from bcr_verify.adapters.registry import resolve
-from bcr_verify.lockstep import Lockstep
+from bcr_verify.errors import UsageError
+from bcr_verify.guard import DEFAULT_OP_TIMEOUT
+from bcr_verify.lockstep import Lockstep, StepBudget
 
 
 def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pages: int,
-                   kv_replay: bool = False, check_every: int = 1) -> Lockstep:
+                   kv_replay: bool = False, check_every: int = 1,
+                   op_timeout: float | None = DEFAULT_OP_TIMEOUT,
+                   budget: StepBudget | None = None) -> Lockstep:
     """Lanes for ``implementations`` (names or ``module:attr``) sharing one configuration."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        raise UsageError(f"block_size must be a positive int, got {block_size!r}")
     if not implementations:
-        raise ValueError("implementations: name at least one (see `bcr-verify impls`)")
+        raise UsageError("implementations: name at least one (see `bcr-verify impls`)")
     adapters = [resolve(name).build(block_size, capacity_pages) for name in implementations]
     observers = []
     if kv_replay:
         from bcr_verify.kv_replay import KVReplay
         observers.append(KVReplay(block_size, model=_replay_model()))
-    return Lockstep(adapters, check_every=check_every, observers=observers)
+    origin = {"implementations": list(implementations), "block_size": block_size,
+              "capacity_pages": capacity_pages, "kv_replay": kv_replay}
+    return Lockstep(adapters, check_every=check_every, observers=observers,
+                    op_timeout=op_timeout, origin=origin, budget=budget)
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,6 +77,7 @@ class Totals:
 
     examples: int = 0
     steps: int = 0
+    shrink_examples: int = 0
     operations: Counter = field(default_factory=Counter)
     rejected_requests: int = 0
     per_impl: dict = field(default_factory=dict)
@@ -120,6 +128,7 @@ class Totals:
             stats["hit_rate"] = round(stats.get("hit_tokens", 0) / lookups, 4) if lookups else 0.0
             impls[name] = stats
         return {"examples": self.examples, "steps": self.steps,
+                "shrink_examples": self.shrink_examples,
                 "operations": dict(self.operations), "rejected_requests": self.rejected_requests,
                 "implementations": impls, **self._observer_sections()}
 

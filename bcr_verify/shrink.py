@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from bcr_verify.errors import VerificationFailure
+from bcr_verify.errors import UsageError, VerificationFailure
 from bcr_verify.trace import Trace
 
 ENDS = ("finish", "abort")
@@ -46,7 +46,7 @@ def rids_by_replay(trace: Trace) -> dict[int, int]:
     for i, step in enumerate(trace.steps):
         try:
             got = lockstep.apply(step)
-        except (VerificationFailure, ValueError, AssertionError):
+        except (VerificationFailure, UsageError):
             break
         if step["op"] == "begin" and got is not None:
             found[got] = i
@@ -75,13 +75,30 @@ def run_abstract(trace: Trace, steps: Sequence[dict]) -> tuple[VerificationFailu
                     rid_of[step.get("index", -2)] = got
         except VerificationFailure as failure:
             return failure, list(lockstep.steps)
-        except (ValueError, TypeError):
+        except UsageError:  # a candidate that does not apply: not the failure
             return None, list(lockstep.steps)
     return None, list(lockstep.steps)
 
 
+class Interrupted(Exception):
+    """Shrinking was interrupted; ``best`` is the smallest failing list found so far."""
+
+    def __init__(self, best: list):
+        super().__init__("shrinking interrupted")
+        self.best = best
+
+
 def ddmin(items: list, fails: Callable[[list], bool], deadline: float | None = None) -> list:
-    """The smallest sublist of ``items`` found that still ``fails`` (1-minimal if time allows)."""
+    """The smallest sublist of ``items`` found that still ``fails`` (1-minimal if time allows).
+
+    A ``KeyboardInterrupt`` becomes :class:`Interrupted` carrying the best list so far.
+    """
+    def test(candidate):
+        try:
+            return fails(candidate)
+        except KeyboardInterrupt:
+            raise Interrupted(items) from None
+
     n = 2
     while len(items) >= 2:
         if deadline is not None and time.monotonic() > deadline:
@@ -90,13 +107,13 @@ def ddmin(items: list, fails: Callable[[list], bool], deadline: float | None = N
         subsets = [items[i:i + chunk] for i in range(0, len(items), chunk)]
         reduced = False
         for i, subset in enumerate(subsets):  # try a subset alone
-            if len(subsets) > 2 and fails(subset):
+            if len(subsets) > 2 and test(subset):
                 items, n, reduced = subset, 2, True
                 break
         if not reduced:
             for i in range(len(subsets)):  # try the complement
                 complement = [x for j, s in enumerate(subsets) if j != i for x in s]
-                if fails(complement):
+                if test(complement):
                     items, n, reduced = complement, max(n - 1, 2), True
                     break
                 if deadline is not None and time.monotonic() > deadline:
@@ -137,7 +154,10 @@ def shrink(trace: Trace, begin_index_of_rid: dict[int, int] | None = None,
 
     # Everything after the failing step is irrelevant: cut there first.
     steps = steps[:len(concrete)]
-    small = ddmin(steps, fails, deadline=start + seconds)
+    try:
+        small = ddmin(steps, fails, deadline=start + seconds)
+    except Interrupted as stop:
+        small, info["interrupted"] = stop.best, True
     failure, concrete = run_abstract(trace, small)
     if failure is None:  # budget ran out mid-way on a flaky candidate: keep the original
         small, failure, concrete = steps, original, concrete

@@ -17,12 +17,15 @@ a ratio from the same run.
 The lockstep's step record is cut at every flush (the lanes are empty again then), so memory
 stays flat and a divergence comes with the steps since the last flush: those are
 delta-debugged (:mod:`bcr_verify.shrink`) and saved as a trace like any other.
+
+The verdict is one of ``pass``, ``fail`` (a divergence, an implementation that raised or
+hung, or memory or state that kept growing: a leak is a finding), ``inconclusive`` (every
+check passed but too few samples to judge growth) and ``interrupted``.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import random
 import resource
@@ -31,7 +34,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcr_verify.errors import VerificationFailure
+from bcr_verify.errors import FatalFinding, UsageError, VerificationFailure
+from bcr_verify.guard import DEFAULT_OP_TIMEOUT
+from bcr_verify.lockstep import BudgetSpent, StepBudget
 from bcr_verify.trace import Trace
 
 REGULAR_VOCAB = 151643
@@ -249,6 +254,7 @@ class SoakConfig:
     max_running: int = 3
     trace_dir: str = "corpus/traces"
     shrink_seconds: float = 120.0
+    op_timeout: float | None = DEFAULT_OP_TIMEOUT
 
 
 @dataclass
@@ -260,22 +266,34 @@ class SoakResult:
     trace_path: str | None = None
 
     @property
+    def verdict(self) -> str:
+        return self.report["verdict"]
+
+    @property
     def ok(self) -> bool:
-        return self.failure is None
+        """Nothing found and nothing left undecided (a pass, or growth inconclusive)."""
+        return self.verdict in ("pass", "inconclusive")
 
 
 def soak(config: SoakConfig, progress=None) -> SoakResult:
+    import math
+
+    from bcr_verify.provenance import provenance
     from bcr_verify.runner import select_implementations
     from bcr_verify.session import build_lockstep, prompt_source
 
     if config.minutes is None and config.max_ops is None:
-        raise ValueError("give minutes or max_ops")
+        raise UsageError("give minutes or max_ops")
+    if config.minutes is not None and not (math.isfinite(config.minutes) and config.minutes > 0):
+        raise UsageError(f"minutes must be a finite number > 0, got {config.minutes}")
     if config.check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {config.check_every}")
+        raise UsageError(f"check_every must be >= 1, got {config.check_every}")
     impls, not_run = select_implementations(config.implementations, config.block_size)
     source = prompt_source(config.workload, config.block_size)
     capacity = source.capacity_pages
-    lockstep = build_lockstep(impls, config.block_size, capacity, check_every=config.check_every)
+    budget = StepBudget(config.max_ops)
+    lockstep = build_lockstep(impls, config.block_size, capacity, check_every=config.check_every,
+                              op_timeout=config.op_timeout, budget=budget)
     timer = CallTimer()
     for lane in lockstep.lanes:
         timer.wrap(lane.adapter, TIMED, lambda m: "op")
@@ -293,7 +311,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     flushes = 0
     rules = Counter()
     samples = []
-    failure: VerificationFailure | None = None
+    failure: VerificationFailure | FatalFinding | None = None
     window: list[dict] = []
     begin_map: dict[int, int] = {}
     start = time.monotonic()
@@ -324,8 +342,6 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                                  f"{now - start:.0f}s" + (f"/{budget_s:.0f}s" if budget_s else ""))
                 if budget_s is not None and now - start >= budget_s:
                     break
-            if config.max_ops is not None and lockstep.executed >= config.max_ops:
-                break
             enabled = ["serve", "match", "evict", "evict_value", "reset"]
             if len(lockstep.requests) < config.max_running:
                 enabled.append("begin")
@@ -360,16 +376,26 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                 flushes += 1
                 flush_window()
             ops += 1
-        lockstep.check()
-    except VerificationFailure as exc:
+    except BudgetSpent:
+        pass
+    except (VerificationFailure, FatalFinding) as exc:
         failure = exc
         window = list(lockstep.steps)
         begin_map = dict(begin_at)
     except KeyboardInterrupt:
         interrupted = True
+    if failure is None and not interrupted:
+        try:
+            lockstep.budget = None  # the closing check is not a step
+            lockstep.check()
+        except (VerificationFailure, FatalFinding) as exc:
+            failure = exc
+            window = list(lockstep.steps)
+            begin_map = dict(begin_at)
     elapsed = time.monotonic() - start
     total_ops = lockstep.executed
-    samples.append(sample(lockstep, total_ops, start))
+    if failure is None and not interrupted:  # a failed lane may raise or hang again
+        samples.append(sample(lockstep, total_ops, start))
 
     trace = trace_path = shrink_info = None
     if failure is not None:
@@ -379,10 +405,19 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                          capacity_pages=capacity, steps=window, failure=failure.as_dict(),
                          meta={"workload": config.workload, "source": "soak",
                                "seed": config.seed, "global_step": lockstep.forgotten + (failure.step or 0)})
-        trace, shrink_info = shrink(unshrunk, begin_map, seconds=config.shrink_seconds)
-        if not shrink_info["reproduced"]:
-            trace.meta["note"] = ("did not reproduce from the last flush on fresh lanes: the "
-                                  "failure depends on history before it; steps since flush kept")
+        if isinstance(failure, FatalFinding):  # each attempt would hang again: keep it whole
+            trace, shrink_info = unshrunk, {"reproduced": None, "skipped": failure.kind}
+        else:
+            try:
+                trace, shrink_info = shrink(unshrunk, begin_map, seconds=config.shrink_seconds)
+            except KeyboardInterrupt:
+                trace, shrink_info = unshrunk, {"reproduced": None, "interrupted": True}
+            if shrink_info.get("interrupted"):
+                interrupted = True
+            if shrink_info["reproduced"] is False:
+                trace.meta["note"] = ("did not reproduce from the last flush on fresh lanes: "
+                                      "the failure depends on history before it; steps since "
+                                      "flush kept")
         trace_path = str(trace.save(config.trace_dir))
 
     raw_op = timer.seconds(bucket="op")
@@ -398,8 +433,20 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
             "raw_ops_per_second_alone": round(total_ops / op_s, 1) if op_s else None,
             **lane.stats.as_dict(),
         }
+    growth = growth_verdict(samples, capacity)
+    if failure is not None:
+        verdict = "fail"
+    elif interrupted:
+        verdict = "interrupted"
+    elif growth["verdict"].startswith("growing"):
+        verdict = "fail"
+    elif growth["verdict"] == "too few samples":
+        verdict = "inconclusive"
+    else:
+        verdict = "pass"
     report = {
-        "ok": failure is None, "interrupted": interrupted,
+        "verdict": verdict, "ok": verdict in ("pass", "inconclusive"),
+        "interrupted": interrupted,
         "implementations": impls, "not_run": not_run, "block_size": config.block_size,
         "workload": config.workload, "seed": config.seed, "capacity_pages": capacity,
         "check_every": config.check_every, "seconds": round(elapsed, 2),
@@ -421,11 +468,15 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         "rss_mb": {"start": samples[0]["rss_mb"], "end": samples[-1]["rss_mb"],
                    "drift": round(samples[-1]["rss_mb"] - samples[0]["rss_mb"], 2),
                    "max": max(s["rss_mb"] for s in samples)},
-        "growth": growth_verdict(samples, capacity),
+        "growth": growth,
         "implementations_detail": per_impl,
         "failure": failure.as_dict() if failure else None,
         "trace": trace_path, "shrink": shrink_info,
         "samples": samples,
+        "provenance": provenance(impls, minutes=config.minutes, max_ops=config.max_ops,
+                                 seed=config.seed, block_size=config.block_size,
+                                 workload=config.workload, check_every=config.check_every,
+                                 op_timeout=config.op_timeout),
     }
     try:
         report["load_average"] = os.getloadavg()
@@ -495,41 +546,68 @@ def summary(report: dict) -> str:
         lines.append(f"FAIL: {f['kind']} in {f['impl']} [{f['check']}]: {f['detail']}")
         lines.append(f"trace saved: {report['trace']} (shrink: {report['shrink']})")
         lines.append(f"reproduce with: bcr-verify replay {report['trace']}")
+    for key, series in report["growth"]["series"].items():
+        if series["growing"]:
+            lines.append(f"GROWING: {key} {series['first']} -> {series['last']} (fitted drift "
+                         f"{series['fitted_drift']:+} over the measured window, limit "
+                         f"{series['limit']}; {series['slope_per_million_ops']:+} per million ops)")
+    verdict = report["verdict"]
+    if verdict == "fail" and not report["failure"]:
+        lines.append("FAIL: growth: state or memory kept growing (a leak is a finding); "
+                     "see the plot (--plot) for the series")
+    elif verdict == "fail" and report["interrupted"]:
+        lines.append("(interrupted while shrinking: the trace is the smallest found so far)")
+    elif verdict == "inconclusive":
+        lines.append("INCONCLUSIVE: every check passed, but too few samples to judge growth "
+                     "(run longer, or sample more often with --sample-seconds)")
+    elif verdict == "interrupted":
+        lines.append("INTERRUPTED: no divergence in what ran, but the run did not finish")
     else:
-        lines.append("PASS" + (" (interrupted)" if report["interrupted"] else ""))
+        lines.append("PASS")
     return "\n".join(lines)
 
 
 def cmd_soak(args) -> int:
+    from bcr_verify.runner import write_json
     from bcr_verify.session import progress_printer
 
     config = SoakConfig(
         implementations=args.impls, block_size=args.block_size, workload=args.workload,
         seed=args.seed, minutes=None if args.ops and not args.minutes else args.minutes or 1.0,
         max_ops=args.ops, check_every=args.check_every, sample_seconds=args.sample_seconds,
-        trace_dir=args.trace_dir)
+        trace_dir=args.trace_dir, op_timeout=args.op_timeout)
     show = None if args.quiet else progress_printer()
     result = soak(config, progress=show)
     if show:
         show("", final=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result.report, indent=1))
+        write_json(result.report, args.json)
     if args.plot:
         plot(result.report, args.plot)
     print(summary(result.report))
+    if args.plot:
+        print(f"plot: {args.plot}")
     if result.failure is not None:
         print("\n" + result.failure.render())
+    if result.verdict == "fail":
         return 1
-    return 0
+    return 130 if result.verdict == "interrupted" else 0
 
 
 def register(subparsers) -> None:
     from bcr_verify.cli import _positive_float, _positive_int, add_impl_args
 
+    import argparse
+
+    from bcr_verify.cli import EXIT_CODES
+
     p = subparsers.add_parser(
         "soak", help="millions of lockstep operations from a seeded RNG, with RSS / size "
-        "sampling, a growth verdict, JSON report and PNG plot")
+        "sampling, a growth verdict, JSON report and PNG plot",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Growth is a finding: a soak whose memory or live state keeps climbing exits 1, "
+               "saying what grew and by how much;\ntoo few samples to judge is INCONCLUSIVE, "
+               "never PASS.\n\n" + EXIT_CODES)
     add_impl_args(p)
     p.add_argument("--minutes", type=_positive_float("--minutes"),
                    help="run this long (default 1 unless --ops is given)")
@@ -545,4 +623,4 @@ def register(subparsers) -> None:
     p.add_argument("--trace-dir", default="corpus/traces",
                    help="where a failure's shrunk trace is saved (default corpus/traces)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.set_defaults(func=cmd_soak)
+    p.set_defaults(func=cmd_soak, supervise=True)

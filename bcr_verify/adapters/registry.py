@@ -9,14 +9,17 @@ has ``evict_lru``, explicit eviction by value otherwise).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Callable
 
 from bcr_verify.adapters.base import CacheAdapter
 from bcr_verify.adapters.bcr_api import BCRApiAdapter
-from bcr_verify.errors import AdapterUnavailable
+from bcr_verify.errors import AdapterUnavailable, SetupError, UsageError
 from bcr_verify.models.reference import ReferenceCache
+
+BCR_API = ("insert", "match_prefix", "evict", "acquire", "release", "assert_invariants")
 
 ENTRY_POINT_GROUP = "bcr_verify.adapters"
 
@@ -26,7 +29,10 @@ class Implementation:
     name: str
     description: str
     build: Callable[[int, int], CacheAdapter]
-    """``build(block_size, capacity_pages)``; raises :class:`AdapterUnavailable` with why."""
+    """``build(block_size, capacity_pages)``; raises :class:`AdapterUnavailable` with why, or
+    :class:`SetupError` when the implementation's own factory fails."""
+    package: str
+    """The distribution (or top-level module) whose version is the implementation's."""
 
     def availability(self) -> str | None:
         """None when the implementation can be built here, otherwise the reason it cannot."""
@@ -35,6 +41,26 @@ class Implementation:
         except AdapterUnavailable as exc:
             return str(exc)
         return None
+
+    def version(self) -> str:
+        """``package==version``, as recorded in reports and traces."""
+        return package_version(self.package)
+
+
+def package_version(package: str) -> str:
+    try:
+        return f"{package}=={importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    top = package.split(".")[0]
+    dists = importlib.metadata.packages_distributions().get(top)
+    if dists:
+        return f"{dists[0]}=={importlib.metadata.version(dists[0])}"
+    try:
+        where = getattr(importlib.import_module(top), "__file__", None)
+    except Exception:  # noqa: BLE001 - provenance must never fail a run
+        where = None
+    return f"{package} (no installed distribution{', from ' + where if where else ''})"
 
 
 def _reference(block_size: int, capacity: int) -> CacheAdapter:
@@ -60,7 +86,8 @@ def _sglang(kind: str) -> Callable[[int, int], CacheAdapter]:
             from bcr_verify.adapters import sglang as sglang_adapters
         except ImportError as exc:
             raise AdapterUnavailable(
-                f"sglang is not importable ({exc}); run `make setup` to install it"
+                f"sglang is not importable ({exc}); install it (`pip install sglang==0.5.23`; "
+                "this repository's CPU recipe is ci/setup.sh)"
             ) from None
         return sglang_adapters.build(kind, block_size, capacity)
     return build
@@ -69,15 +96,15 @@ def _sglang(kind: str) -> Callable[[int, int], CacheAdapter]:
 BUILTIN: dict[str, Implementation] = {
     impl.name: impl for impl in [
         Implementation("reference", "pure-Python reference model (LRU on a logical clock)",
-                       _reference),
+                       _reference, "bcr-verify"),
         Implementation("bcr", "BCR-memory-2's Rust cache (bcr_cache wheel), explicit eviction",
-                       _bcr),
+                       _bcr, "bcr_cache"),
         Implementation("sglang-radix", "SGLang RadixCache + real token/paged allocator",
-                       _sglang("radix")),
+                       _sglang("radix"), "sglang"),
         Implementation("sglang-unified-py", "SGLang UnifiedRadixCache, Python tree core",
-                       _sglang("unified-py")),
+                       _sglang("unified-py"), "sglang"),
         Implementation("sglang-unified-rust", "SGLang UnifiedRadixCache, Rust tree core",
-                       _sglang("unified-rust")),
+                       _sglang("unified-rust"), "sglang"),
     ]
 }
 DEFAULT = ["reference", "bcr", "sglang-radix", "sglang-unified-py", "sglang-unified-rust"]
@@ -88,20 +115,34 @@ def from_factory(spec: str, name: str | None = None) -> Implementation:
     name = name or spec
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"impl {spec!r}: expected a known name or 'module:attr'")
+        raise UsageError(f"impl {spec!r}: expected a known name or 'module:attr'")
 
     def build(block_size: int, capacity: int) -> CacheAdapter:
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise AdapterUnavailable(f"cannot load {spec}: {exc}") from None
-        made = factory(block_size)
+        if not callable(factory):
+            raise SetupError(f"impl {spec!r}: {attr} is a {type(factory).__name__}, not a "
+                             "factory; name a callable taking the block size")
+        try:
+            made = factory(block_size)
+        except Exception as exc:  # noqa: BLE001 - any failure to build is the factory's
+            raise SetupError(f"impl {spec!r}: the factory raised {type(exc).__name__}: {exc} "
+                             f"when called as {attr}({block_size}); it must take the block "
+                             "size and return a cache") from exc
         if isinstance(made, CacheAdapter):
             return made
+        missing = [m for m in BCR_API if not callable(getattr(made, m, None))]
+        if missing:
+            raise SetupError(
+                f"impl {spec!r}: the factory returned a {type(made).__name__}, which is neither "
+                f"a bcr_verify.adapters.CacheAdapter nor a cache with BCR's API (missing "
+                f"{', '.join(missing)})")
         eviction = "lru" if hasattr(made, "evict_lru") else "explicit"
         return BCRApiAdapter(name, factory, block_size, capacity, eviction=eviction)
 
-    return Implementation(name, f"factory {spec}", build)
+    return Implementation(name, f"factory {spec}", build, module_name)
 
 
 def _entry_points() -> dict[str, Implementation]:
@@ -122,4 +163,4 @@ def resolve(name: str) -> Implementation:
         return known[name]
     if ":" in name:
         return from_factory(name)
-    raise ValueError(f"impl {name!r} is unknown; choose from {sorted(known)} or give module:attr")
+    raise UsageError(f"impl {name!r} is unknown; choose from {sorted(known)} or give module:attr")

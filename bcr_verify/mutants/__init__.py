@@ -10,11 +10,9 @@ length. Misses are listed as misses.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -68,37 +66,23 @@ MUTANTS: list[Mutant] = [
 
 
 def score(mutant: Mutant, seconds: float = 60.0, seed: int = 0,
-          trace_dir: str = "corpus/traces", ddmin_seconds: float = 30.0) -> dict:
+          trace_dir: str = "corpus/traces", ddmin_seconds: float = 30.0,
+          op_timeout: float | None = None) -> dict:
     """Run one mutant until caught or ``seconds`` pass; the scorecard row."""
     import bcr_verify.runner as runner
-    from bcr_verify.errors import VerificationFailure
-    from bcr_verify.machine import LockstepMachine
     from bcr_verify.shrink import shrink
 
-    first: list[float] = []
-
-    class Timed(LockstepMachine):
-        """Notes when the first failing step ran, before Hypothesis starts shrinking."""
-
-        def _run(self, operation, *args):
-            try:
-                return super()._run(operation, *args)
-            except VerificationFailure:
-                if not first:
-                    first.append(time.monotonic())
-                raise
-
     start = time.monotonic()
-    runner.LockstepMachine = Timed
-    try:
-        result = runner.run(runner.RunConfig(
-            implementations=[mutant.impl], block_size=mutant.block_size, seed=seed,
-            max_steps=None, minutes=seconds / 60, workload=mutant.workload,
-            kv_replay=mutant.kv_replay, trace_dir=trace_dir))
-    finally:
-        runner.LockstepMachine = LockstepMachine
-    detected = (first[0] if first else time.monotonic()) - start
+    result = runner.run(runner.RunConfig(
+        implementations=[mutant.impl], block_size=mutant.block_size, seed=seed,
+        max_steps=None, minutes=seconds / 60, workload=mutant.workload,
+        kv_replay=mutant.kv_replay, trace_dir=trace_dir,
+        **({"op_timeout": op_timeout} if op_timeout else {})))
+    if result.interrupted:
+        raise KeyboardInterrupt
     with_shrink = time.monotonic() - start
+    detected = result.first_failure_seconds if result.first_failure_seconds is not None \
+        else with_shrink
     row = {"mutant": mutant.name, "bug_class": mutant.bug_class, "impl": mutant.impl,
            "block_size": mutant.block_size, "workload": mutant.workload,
            "kv_replay": mutant.kv_replay, "caught": not result.ok,
@@ -155,24 +139,34 @@ def cmd_mutants(args) -> int:
         for m in chosen:
             print(f"{m.name:<22} {m.impl:<45} {m.bug_class}")
         return 0
+    from bcr_verify.runner import write_json
+
     rows = []
-    for m in chosen:
-        row = score(m, seconds=args.seconds, seed=args.seed, trace_dir=args.trace_dir)
-        rows.append(row)
-        print(f"{m.name:<22} {'CAUGHT' if row['caught'] else 'MISSED'} "
-              f"{row.get('check') or ''} in {row['seconds_to_detection']} s, "
-              f"{row['shrunk_steps']} steps", flush=True)
+    interrupted = False
+    try:
+        for m in chosen:
+            row = score(m, seconds=args.seconds, seed=args.seed, trace_dir=args.trace_dir,
+                        op_timeout=args.op_timeout)
+            rows.append(row)
+            print(f"{m.name:<22} {'CAUGHT' if row['caught'] else 'MISSED'} "
+                  f"{row.get('check') or ''} in {row['seconds_to_detection']} s, "
+                  f"{row['shrunk_steps']} steps", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
     print()
     print(scorecard(rows))
+    if interrupted:
+        print(f"INTERRUPTED after {len(rows)} of {len(chosen)} mutants")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"seconds_budget": args.seconds, "seed": args.seed,
-                                               "mutants": rows}, indent=1))
+        write_json({"seconds_budget": args.seconds, "seed": args.seed, "interrupted": interrupted,
+                    "mutants": rows}, args.json)
+    if interrupted:
+        return 130
     return 0 if all(r["caught"] for r in rows) else 1
 
 
 def register(subparsers) -> None:
-    from bcr_verify.cli import _positive_float
+    from bcr_verify.cli import _positive_float, add_fault_args
 
     p = subparsers.add_parser("mutants", help="bug-finding scorecard: run each planted bug "
                               "until caught; which check, how fast, how short the trace")
@@ -184,4 +178,5 @@ def register(subparsers) -> None:
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON here")
     p.add_argument("--trace-dir", default="corpus/traces",
                    help="where shrunk traces are saved (default corpus/traces)")
-    p.set_defaults(func=cmd_mutants)
+    add_fault_args(p)
+    p.set_defaults(func=cmd_mutants, supervise=True)

@@ -15,6 +15,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from ..errors import UsageError
 from .tokenizer import ChatTokenizer
 
 WORKLOADS: dict[str, str] = {
@@ -38,7 +39,7 @@ SHIFTS = ("early shift", "day shift", "late shift", "night shift", "weekend crew
 def load_texts(family: str) -> tuple[str, ...]:
     """The entries of ``corpus/prompts/<family>.txt`` (entries are separated by ``---`` lines)."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown prompt family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise UsageError(f"unknown prompt family {family!r}; choose one of {', '.join(FAMILIES)}")
     try:
         text = (resources.files("bcr_verify.prompts") / f"{family}.txt").read_text("utf-8")
     except ModuleNotFoundError:  # source checkout: the package mapping is not installed
@@ -51,9 +52,9 @@ def build_workload(name: str, tokenizer: ChatTokenizer, seed: int = 0, size: int
                    ) -> list[list[int]]:
     """``size`` token-id prompts of workload ``name``; the same arguments give the same pool."""
     if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; choose one of: {', '.join(WORKLOADS)}")
+        raise UsageError(f"unknown workload {name!r}; choose one of: {', '.join(WORKLOADS)}")
     if size < 1:
-        raise ValueError(f"workload size must be at least 1, got {size}")
+        raise UsageError(f"workload size must be at least 1, got {size}")
     if name == "mixed":
         return _mixed(tokenizer, seed, size)
     rng = random.Random(f"{name}:{seed}")  # str seeds hash stably across processes

@@ -1,0 +1,58 @@
+"""The step record on disk as it happens, so a process that dies leaves its steps behind.
+
+A supervised child (:mod:`bcr_verify.supervise`) opens a journal; every
+:class:`~bcr_verify.lockstep.Lockstep` then writes where its lanes start from (``origin``:
+the implementations, block size, pool capacity) and each step *before* running it, one JSON
+line per step with a plain ``write(2)``: the data is in the kernel once the call returns, so
+it survives a segfault or ``os._exit`` of the process, and the step that killed it is the
+last line. The file is cut back whenever lanes start afresh (a new Hypothesis example, a
+soak's flush), so it holds exactly the steps a trace needs and stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class Journal:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+
+    def fresh(self, origin: dict) -> None:
+        """Lanes start from empty here: drop what came before."""
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, (_DUMPS({"origin": origin}) + "\n").encode())
+
+    def step(self, op: str, args: dict) -> None:
+        os.write(self._fd, (_DUMPS({"op": op, "args": args}) + "\n").encode())
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def read(path: str | os.PathLike) -> tuple[dict | None, list[dict]]:
+    """The last origin written and the steps after it (a torn last line is dropped)."""
+    origin, steps = None, []
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None, []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if "origin" in record:
+            origin, steps = record["origin"], []
+        else:
+            steps.append(record)
+    return origin, steps
+
+
+JOURNAL: Journal | None = None
+"""The open journal of this process, or None (not supervised: nothing to survive a crash)."""

@@ -1,0 +1,34 @@
+"""What a report or a trace was made with, so a result can be traced back and re-run."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import platform
+import sys
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def provenance(implementations: list[str], **request) -> dict:
+    """bcr_verify, Python, Hypothesis and each implementation's version, the command line,
+    what was asked for (``request``: budget, seed, ...) and when."""
+    from bcr_verify.adapters.registry import resolve
+
+    versions = {}
+    for name in implementations:
+        try:
+            versions[name] = resolve(name).version()
+        except Exception as exc:  # noqa: BLE001 - provenance must never fail a run
+            versions[name] = f"unknown ({type(exc).__name__})"
+    return {
+        "bcr_verify": _version("bcr-verify"), "python": platform.python_version(),
+        "hypothesis": _version("hypothesis"), "implementations": versions,
+        "command": sys.argv[:], "request": request,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,178 @@
+"""Caches that fail the way processes fail: they raise, hang, crash, exit or leak.
+
+Each is the reference model with one call gone wrong on its ``TRIGGER``-th use, so a fault
+is deterministic for a given trace and its replay reproduces it. Named as ``module:attr``
+by the fault tests (``tests/test_faults.py``) and the probes in ``docs/reliability.md``.
+"""
+
+import ctypes
+import os
+import time
+
+from bcr_verify.adapters import BCRApiAdapter
+from bcr_verify.models import ReferenceCache
+
+TRIGGER = 3
+_LEAKED = []
+
+
+class _Faulty(ReferenceCache):
+    method = "insert"
+
+    def __init__(self, block_size):
+        super().__init__(block_size)
+        self.calls = 0
+
+    def _fault(self):
+        raise NotImplementedError
+
+    def _maybe(self):
+        self.calls += 1
+        if self.calls == TRIGGER:
+            self._fault()
+
+    def insert(self, token_ids, block_values):
+        if self.method == "insert":
+            self._maybe()
+        return super().insert(token_ids, block_values)
+
+    def match_prefix(self, token_ids):
+        if self.method == "match_prefix":
+            self._maybe()
+        return super().match_prefix(token_ids)
+
+
+class RaisesInInsert(_Faulty):
+    def _fault(self):
+        raise KeyError("missing node 17")
+
+
+class HangsInMatch(_Faulty):
+    """A Python-level infinite loop: the in-process watchdog interrupts it."""
+
+    method = "match_prefix"
+
+    def _fault(self):
+        while True:
+            pass
+
+
+class HangsInNativeCode(_Faulty):
+    """``time.sleep`` in C never returns to the interpreter: only the supervisor can end it."""
+
+    method = "match_prefix"
+
+    def _fault(self):
+        time.sleep(3600)
+
+
+class Segfaults(_Faulty):
+    def _fault(self):
+        ctypes.string_at(0)
+
+
+class ExitsTheProcess(_Faulty):
+    def _fault(self):
+        os._exit(3)
+
+
+class DeepRecursion(_Faulty):
+    def _fault(self):
+        def descend(depth):
+            return descend(depth + 1)
+        descend(0)
+
+
+class RejectsEmptyPrompt(ReferenceCache):
+    def match_prefix(self, token_ids):
+        if not token_ids:
+            raise ValueError("token_ids must not be empty")
+        return super().match_prefix(token_ids)
+
+
+class Leaks(ReferenceCache):
+    """Keeps 16 KiB of garbage per insert, forever: BCR v1's leak, exaggerated."""
+
+    def insert(self, token_ids, block_values):
+        _LEAKED.append(b"x" * 16384)
+        return super().insert(token_ids, block_values)
+
+
+class SlowAndFailing(ReferenceCache):
+    """Every insert takes 20 ms, and the fourth one loses its last block: shrinking is slow."""
+
+    def __init__(self, block_size):
+        super().__init__(block_size)
+        self.inserts = 0
+
+    def insert(self, token_ids, block_values):
+        time.sleep(0.02)
+        self.inserts += 1
+        if self.inserts >= 4 and len(block_values) > 1:
+            block_values = block_values[:-1]
+            token_ids = token_ids[:len(block_values) * self.block_size]
+        return super().insert(token_ids, block_values)
+
+
+class HandsOutCachedPages(BCRApiAdapter):
+    """An allocator that hands out a page the cache still holds."""
+
+    def alloc(self, num_pages):
+        pages = super().alloc(num_pages)
+        cached = [v for v in self.cache.evictable_values()] if num_pages else []
+        if pages and cached:
+            pages[0] = cached[0]
+        return pages
+
+
+def raises_in_insert(block_size):
+    return RaisesInInsert(block_size)
+
+
+def hangs_in_match(block_size):
+    return HangsInMatch(block_size)
+
+
+def hangs_in_native_code(block_size):
+    return HangsInNativeCode(block_size)
+
+
+def segfaults(block_size):
+    return Segfaults(block_size)
+
+
+def exits_the_process(block_size):
+    return ExitsTheProcess(block_size)
+
+
+def deep_recursion(block_size):
+    return DeepRecursion(block_size)
+
+
+def rejects_empty_prompt(block_size):
+    return RejectsEmptyPrompt(block_size)
+
+
+def leaks(block_size):
+    return Leaks(block_size)
+
+
+def slow_and_failing(block_size):
+    return SlowAndFailing(block_size)
+
+
+def hands_out_cached_pages(block_size):
+    return HandsOutCachedPages("hands-out-cached-pages", ReferenceCache, block_size, 64,
+                               eviction="lru")
+
+
+def factory_raises(block_size):
+    raise RuntimeError("cannot connect to the cache daemon")
+
+
+def factory_takes_nothing():
+    return ReferenceCache(16)
+
+
+def factory_returns_int(block_size):
+    return 3
