@@ -18,7 +18,9 @@
 * Options (group "bcr-verify"), each with an ini-file key: ``--bcr-impl`` / ``bcr_impls``,
   ``--bcr-block-size`` / ``bcr_block_sizes``, ``--bcr-workload`` / ``bcr_workload``,
   ``--bcr-kv-replay`` / ``bcr_kv_replay``, ``--bcr-corpus`` / ``bcr_corpus``,
-  ``--bcr-soak-minutes`` / ``bcr_soak_minutes``; ``--bcr-replay-corpus`` also collects the
+  ``--bcr-soak-minutes`` / ``bcr_soak_minutes``, ``--bcr-op-timeout`` / ``bcr_op_timeout``
+  (seconds one implementation call may take before it is a hang finding; default 10);
+  ``--bcr-replay-corpus`` also collects the
   corpus directory's traces.
 
 * Fixtures: ``bcr_options``, ``bcr_tokenizer``, ``bcr_workload``, ``bcr_prompts``,
@@ -31,13 +33,15 @@
 
 from __future__ import annotations
 
+import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
+
+from bcr_verify.guard import DEFAULT_OP_TIMEOUT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -78,6 +82,7 @@ class BcrOptions:
     kv_replay: bool | None = None
     corpus: Path = Path("corpus/traces")
     soak_minutes: float | None = None
+    op_timeout: float = DEFAULT_OP_TIMEOUT
     profile: str = "default"
     seed: object = None
     soak_reports: list[str] = field(default_factory=list)
@@ -129,7 +134,11 @@ def pytest_addoption(parser):
     parser.addini("bcr_workload", "prompt workload family", default="")
     parser.addini("bcr_kv_replay", "KV replay on or off", type="bool", default=False)
     parser.addini("bcr_corpus", "trace corpus directory (relative to the rootdir)", default="")
+    group.addoption("--bcr-op-timeout", dest="bcr_op_timeout", type=float, metavar="S",
+                    help="seconds one call into an implementation may take before it is "
+                         f"reported hung (ini: bcr_op_timeout; default {DEFAULT_OP_TIMEOUT:g})")
     parser.addini("bcr_soak_minutes", "soak time budget in minutes", default="")
+    parser.addini("bcr_op_timeout", "seconds one implementation call may take", default="")
 
 
 def _options(config) -> BcrOptions:
@@ -151,12 +160,21 @@ def _options(config) -> BcrOptions:
             raise pytest.UsageError("ini bcr_soak_minutes must be a number") from None
     if minutes is not None and minutes <= 0:
         raise pytest.UsageError(f"--bcr-soak-minutes must be > 0, got {minutes}")
+    timeout = get("bcr_op_timeout")
+    if timeout is None and config.getini("bcr_op_timeout"):
+        try:
+            timeout = float(config.getini("bcr_op_timeout"))
+        except ValueError:
+            raise pytest.UsageError("ini bcr_op_timeout must be a number") from None
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise pytest.UsageError(f"--bcr-op-timeout must be a finite number > 0, got {timeout}")
     kv = get("bcr_kv_replay")
     return BcrOptions(
         implementations=list(get("bcr_impls") or config.getini("bcr_impls")),
         block_sizes=sizes, workload=get("bcr_workload") or config.getini("bcr_workload") or None,
         kv_replay=kv if kv is not None else (config.getini("bcr_kv_replay") or None),
         corpus=corpus.resolve(), soak_minutes=minutes,
+        op_timeout=DEFAULT_OP_TIMEOUT if timeout is None else timeout,
         profile=get("hypothesis_profile", None) or "default",
         seed=get("hypothesis_seed", None))
 

@@ -44,6 +44,16 @@ RULES = ("serve", "begin", "finish", "abort", "match", "evict", "evict_value", "
 TIMED = ("match", "lock", "unlock", "insert", "evict_tokens", "evict_value", "alloc", "free",
          "available_pages", "reset")
 CHECKS = ("check_invariants", "sizes")
+COUNTS = {
+    "lockstep_operations": "steps executed: one operation applied to every implementation",
+    "implementation_operations": "lockstep_operations x implementations",
+    "invariant_checks": "times every lane's invariants ran (every --check-every steps, before "
+                        "each flush, at the end)",
+    "flushes": "resets of every cache (a rule, or forced past the step window)",
+    "rules": "rules drawn, including ones that did nothing (e.g. finish with nothing running)",
+    "rejected_requests": "begins refused because some lane could not make room",
+}
+"""What each count in the JSON report counts; written into the report itself."""
 MAX_WINDOW = 20_000
 """Steps kept for shrinking; a flush is forced past this so the record stays bounded."""
 
@@ -473,6 +483,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         "failure": failure.as_dict() if failure else None,
         "trace": trace_path, "shrink": shrink_info,
         "samples": samples,
+        "counts": COUNTS,
         "provenance": provenance(impls, minutes=config.minutes, max_ops=config.max_ops,
                                  seed=config.seed, block_size=config.block_size,
                                  workload=config.workload, check_every=config.check_every,
@@ -552,11 +563,12 @@ def summary(report: dict) -> str:
                          f"{series['fitted_drift']:+} over the measured window, limit "
                          f"{series['limit']}; {series['slope_per_million_ops']:+} per million ops)")
     verdict = report["verdict"]
-    if verdict == "fail" and not report["failure"]:
+    if verdict == "fail" and report["failure"]:
+        if report["interrupted"]:
+            lines.append("(interrupted while shrinking: the trace is the smallest found so far)")
+    elif verdict == "fail":
         lines.append("FAIL: growth: state or memory kept growing (a leak is a finding); "
                      "see the plot (--plot) for the series")
-    elif verdict == "fail" and report["interrupted"]:
-        lines.append("(interrupted while shrinking: the trace is the smallest found so far)")
     elif verdict == "inconclusive":
         lines.append("INCONCLUSIVE: every check passed, but too few samples to judge growth "
                      "(run longer, or sample more often with --sample-seconds)")

@@ -90,8 +90,11 @@ class SingleWriter:
 
 
 
-def _machine_class(implementations, block_size, workload, kv_replay, capacity_pages=None):
+def _machine_class(implementations, block_size, workload, kv_replay, capacity_pages=None,
+                   op_timeout=None):
     attrs = dict(implementations=implementations, block_size=block_size, kv_replay=kv_replay)
+    if op_timeout:
+        attrs["op_timeout"] = op_timeout
     if workload:
         attrs["workload"] = workload
     if capacity_pages:
@@ -116,7 +119,8 @@ def _machine_class(implementations, block_size, workload, kv_replay, capacity_pa
 
 def run_lockstep(implementations: list[str], block_size: int, *, workload: str | None = None,
                  kv_replay: bool = False, corpus=None, soak_budget_s: float | None = None,
-                 seed=None, capacity_pages: int | None = None, label: str = "") -> dict:
+                 seed=None, capacity_pages: int | None = None, label: str = "",
+                 op_timeout: float | None = None) -> dict:
     """Run the lockstep machine under the current Hypothesis profile; save a failure's trace.
 
     With ``soak_budget_s``, Hypothesis runs repeat in rounds (each with its own seed, at most
@@ -128,7 +132,8 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
     from hypothesis import HealthCheck, seed as hseed
     from hypothesis.stateful import get_state_machine_test
 
-    machine = _machine_class(implementations, block_size, workload, kv_replay, capacity_pages)
+    machine = _machine_class(implementations, block_size, workload, kv_replay, capacity_pages,
+                             op_timeout)
     start = time.monotonic()
     profile_max = Settings().max_examples
     rounds = 0
@@ -281,7 +286,8 @@ class PrefixCacheConformance:
         result = run_lockstep(
             impls, bcr_block_size, workload=opts.workload or self.workload,
             kv_replay=bool(opts.kv_replay), corpus=opts.corpus, soak_budget_s=budget,
-            seed=seed, capacity_pages=self.capacity_pages, label=request.node.nodeid)
+            seed=seed, capacity_pages=self.capacity_pages, label=request.node.nodeid,
+            op_timeout=opts.op_timeout)
         if budget is not None:
             opts.soak_reports.append(
                 f"{request.node.nodeid}: {result['rounds']} rounds, {result['examples']} "

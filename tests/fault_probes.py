@@ -25,7 +25,6 @@ RUN = ["run", "--impl", "reference", "--block-size", "4", "--max-steps", "400", 
 
 
 def probes(tmp: Path):
-    trace = tmp / "tr"
     file = tmp / "a-file"
     file.write_text("")
     bad = tmp / "bad.json"
@@ -36,7 +35,7 @@ def probes(tmp: Path):
     yield "raise: RecursionError on a deep call (run)", RUN + ["--impl", F + "deep_recursion"], 1, None
     yield "raise: ValueError on an empty prompt (run)", RUN + ["--impl", F + "rejects_empty_prompt"], 1, None
     yield "raise: ValueError on an empty prompt (soak)", ["soak", "--impl", F + "rejects_empty_prompt", "--ops", "20000", "--quiet"], 1, None
-    yield "raise: replay of the saved KeyError trace", ["replay", "@last"], 1, None
+    yield "raise: replay of the soak's saved trace", ["replay", "@last"], 1, None
     yield "raise: mutants scorecard (all caught)", ["mutants", "--only", "size-drift", "--seconds", "30"], 0, None
     yield "hang in match, Python loop (run)", RUN + ["--impl", F + "hangs_in_match", "--op-timeout", "2"], 1, None
     yield "hang in match, Python loop (soak --minutes 0.5)", ["soak", "--impl", F + "hangs_in_match", "--minutes", "0.5", "--op-timeout", "2", "--quiet"], 1, None
@@ -112,7 +111,7 @@ def execute(args, signal_spec, tmp: Path) -> tuple[int, str]:
                                 start_new_session=True)
         while marker not in log.read_text() and proc.poll() is None:
             time.sleep(0.2)
-        time.sleep(1)
+        time.sleep(0.2 if "shrinking" in marker else 1)
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does
         else:

@@ -113,6 +113,7 @@ def test_soak_raise_is_shrunk_and_saved(tmp_path):
               "--trace-dir", str(tmp_path))
     assert out.returncode == 1, out.stdout + out.stderr
     assert "FAIL: implementation raised" in out.stdout and "[ValueError]" in out.stdout
+    assert "\nPASS" not in out.stdout
     assert_replays(saved_trace(out.stdout), kind="implementation raised", check="ValueError")
 
 

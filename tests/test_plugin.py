@@ -155,3 +155,22 @@ def test_an_implementation_that_raises_fails_the_test_with_a_saved_trace(project
     (trace,) = (project / "found").glob("KeyError-*.json")
     out = pytest_run(project, "--bcr-replay-corpus", "-k", "replay", env={"BUGGY": "1"})
     assert out.returncode == 1 and "implementation raised" in out.stdout, out.stdout[-2000:]
+
+
+def test_a_hanging_implementation_is_a_hang_finding(project):
+    (project / "mycache.py").write_text(textwrap.dedent(PROJECT["mycache.py"]) + textwrap.dedent("""
+        class Hangs(ReferenceCache):
+            def match_prefix(self, token_ids):
+                if len(token_ids) > 40:
+                    while True:
+                        pass
+                return super().match_prefix(token_ids)
+
+        def make_buggy(block_size):
+            return Hangs(block_size)
+    """))
+    out = pytest_run(project, "--hypothesis-profile", "dev", "-k", "lockstep",
+                     "--bcr-op-timeout", "1", env={"BUGGY": "1"})
+    assert out.returncode == 1, out.stdout[-3000:]
+    assert "implementation hung" in out.stdout and "within 1 s" in out.stdout
+    assert list((project / "found").glob("timeout-*.json"))

@@ -158,8 +158,11 @@ def cmd_mutants(args) -> int:
     if interrupted:
         print(f"INTERRUPTED after {len(rows)} of {len(chosen)} mutants")
     if args.json:
+        from bcr_verify.provenance import provenance
         write_json({"seconds_budget": args.seconds, "seed": args.seed, "interrupted": interrupted,
-                    "mutants": rows}, args.json)
+                    "mutants": rows,
+                    "provenance": provenance([m.impl for m in chosen], seconds=args.seconds,
+                                             seed=args.seed)}, args.json)
     if interrupted:
         return 130
     return 0 if all(r["caught"] for r in rows) else 1
