@@ -47,7 +47,8 @@ with the command that reproduces it.
 
 """ + EXIT_CODES
 
-COMMAND_MODULES = ("bcr_verify.soak", "bcr_verify.bench", "bcr_verify.mutants")
+COMMAND_MODULES = ("bcr_verify.soak", "bcr_verify.bench", "bcr_verify.mutants",
+                   "bcr_verify.matrix")
 """Modules that add their own subcommand through ``register(subparsers)``."""
 
 
@@ -119,13 +120,22 @@ def cmd_impls(args) -> int:
     for name, impl in all_implementations().items():
         why = impl.availability()
         rows.append({"name": name, "available": why is None, "reason": why,
-                     "description": impl.description})
+                     "description": impl.description, "version": impl.version(),
+                     "notes": impl.notes() if why is None else {}})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
         state = "available" if row["available"] else "unavailable"
         print(f"{row['name']:<22} {state:<12} {row['description']}")
+        notes = row["notes"]
+        if notes.get("generation"):
+            print(f"{'':<35} sglang {notes['release']}, API generation {notes['generation']}")
+        for standin in notes.get("stand_ins", []):
+            print(f"{'':<35} stand-in used for {standin['package']}: "
+                  f"{', '.join(standin['names']) or '(no names read)'}")
+        for invariant in notes.get("not_checked", []):
+            print(f"{'':<35} not checked: {invariant}")
         if row["reason"]:
             print(f"{'':<22} {'':<12} why: {row['reason']}")
     return 0
@@ -153,7 +163,7 @@ def cmd_run(args) -> int:
         implementations=args.impls, block_size=args.block_size, seed=args.seed,
         max_steps=None if args.minutes else args.max_steps, minutes=args.minutes,
         workload=args.workload, kv_replay=args.kv_replay, trace_dir=args.trace_dir,
-        op_timeout=args.op_timeout)
+        op_timeout=args.op_timeout, known=tuple(args.known or ()))
     show = None if args.quiet else progress_printer()
     result = run(config, progress=show)
     if show:
@@ -190,6 +200,11 @@ def print_report(report: dict) -> None:
               f"{s.get('duplicates_freed', 0):>10}")
     if "kv_replay" in report:
         print(f"kv replay: {report['kv_replay']}")
+    from bcr_verify.soak import shape_line
+    print(shape_line(report.get("tree_shape", {})))
+    for check, known in report.get("known", {}).items():
+        print(f"KNOWN: {check} failed {known['count']} times (not a new finding; lanes restart "
+              f"empty after each); witness: {known['trace']}")
     for warning in report.get("vacuous_warnings", []):
         print(f"WARNING (pass may be vacuous): {warning}")
     for note in report.get("notes", []):
@@ -415,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the report as JSON here")
     p.add_argument("--trace-dir", default="corpus/traces",
                    help="where a failure's trace is saved (default corpus/traces)")
+    p.add_argument("--known", action="append", metavar="CHECK",
+                   help="a check already known to fail here (e.g. 'sizes'): each hit is "
+                        "counted and one witness trace kept, and the search goes on for others "
+                        "(repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_run, supervise=True)
 

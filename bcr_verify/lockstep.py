@@ -273,7 +273,8 @@ class Lockstep:
             "operations": dict(Counter(s["op"] for s in self.steps)),
             "rejected_requests": self.rejected,
             "implementations": {
-                lane.name: {"contract": vars(lane.adapter.contract), **lane.stats.as_dict()}
+                lane.name: {"contract": vars(lane.adapter.contract),
+                            "notes": getattr(lane.adapter, "notes", {}), **lane.stats.as_dict()}
                 for lane in self.lanes
             },
             **{k: v for o in self.observers for k, v in o.report().items()},

@@ -45,6 +45,11 @@ class LockstepMachine(RuleBasedStateMachine):
     """Seconds one implementation call may take before it is reported hung."""
     budget: StepBudget | None = None
     """Shared by every example of a run: caps the steps searched, counts the steps shrunk."""
+    known: tuple[str, ...] = ()
+    """Checks already known to fail: a hit is counted (``known_found``) and ends the example
+    quietly, so the search goes on for other findings."""
+    known_found: dict | None = None
+    """check -> {"count": examples that hit it, "witness": the shortest Trace}."""
 
     last_failure: Trace | None = None
     """The trace of the most recent failing example (the shrunk one, once Hypothesis is done)."""
@@ -53,36 +58,53 @@ class LockstepMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        from bcr_verify.session import build_lockstep, prompt_source
+        from bcr_verify.session import prompt_source
 
         source = prompt_source(self.workload, self.block_size)
         self._prompts = source.strategy
         self._capacity = self.capacity_pages or source.capacity_pages
         self._shrinking = bool(self.budget and self.budget.shrinking)
+        self.lockstep = None
+        self._fresh_lanes()
+        self._explicit = any(l.adapter.contract.eviction == "explicit"
+                             for l in self.lockstep.lanes)
+
+    def _fresh_lanes(self) -> None:
+        from bcr_verify.session import TOTALS, build_lockstep
+
+        if self.lockstep is not None and not self._shrinking:
+            TOTALS.add(self.lockstep, example=False)
         self.lockstep = build_lockstep(self.implementations, self.block_size, self._capacity,
                                        kv_replay=self.kv_replay, op_timeout=self.op_timeout,
                                        budget=self.budget)
-        self._explicit = any(l.adapter.contract.eviction == "explicit"
-                             for l in self.lockstep.lanes)
 
     @classmethod
     def configure(cls, name: str = "ConfiguredLockstepMachine", **attrs) -> type["LockstepMachine"]:
         """A subclass with ``attrs`` set, e.g. ``configure(implementations=[...], block_size=1)``."""
         unknown = set(attrs) - {"implementations", "block_size", "workload", "kv_replay",
-                                "capacity_pages", "max_running", "op_timeout", "budget"}
+                                "capacity_pages", "max_running", "op_timeout", "budget",
+                                "known"}
         if unknown:
             raise TypeError(f"configure() got unknown settings {sorted(unknown)}")
-        return type(name, (cls,), {**attrs, "last_failure": None})
+        return type(name, (cls,), {**attrs, "last_failure": None, "known_found": {}})
 
     def _run(self, operation, *args):
         try:
             return operation(*args)
         except (VerificationFailure, FatalFinding) as failure:
-            type(self).last_failure = Trace(
+            trace = Trace(
                 implementations=list(self.implementations), block_size=self.block_size,
                 capacity_pages=self._capacity, steps=list(self.lockstep.steps),
                 failure=failure.as_dict(), kv_replay=self.kv_replay,
                 meta={"workload": self.workload, "source": "hypothesis"})
+            if failure.check in self.known and isinstance(failure, VerificationFailure):
+                found = type(self).known_found.setdefault(failure.check, {"count": 0})
+                found["count"] += 1
+                if "witness" not in found or len(trace.steps) < len(found["witness"].steps):
+                    found["witness"] = trace
+                self._fresh_lanes()  # and go on looking, from empty caches
+                return None
+            type(self).last_failure = trace
             if self.budget is not None:
                 self.budget.found(failure)  # Hypothesis shrinks from here on
             raise
@@ -140,6 +162,8 @@ class LockstepMachine(RuleBasedStateMachine):
 
     def teardown(self):
         from bcr_verify.session import TOTALS
+        from bcr_verify.shape import lockstep_shape, widest
+        TOTALS.tree_shape = widest(TOTALS.tree_shape, lockstep_shape(self.lockstep))
         if self._shrinking:
             TOTALS.shrink_examples += 1
         else:

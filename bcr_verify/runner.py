@@ -44,6 +44,8 @@ COUNTS = {
     "implementations.*.lookups": "prefix matches checked against the model (searching only)",
     "implementations.*.hits": "lookups that matched at least one block",
     "implementations.*.evictions": "evictions that freed at least one page",
+    "tree_shape.*": "per implementation, the deepest chain (in blocks, and in radix nodes where "
+                    "the tree can be walked) and the widest fan-out any example reached",
 }
 """What each count in the JSON report counts; written into the report itself."""
 
@@ -60,6 +62,8 @@ class RunConfig:
     kv_replay: bool = False
     trace_dir: str = "corpus/traces"
     op_timeout: float | None = DEFAULT_OP_TIMEOUT
+    known: tuple[str, ...] = ()
+    """Checks known to fail: counted with one witness trace each, not reported as findings."""
 
 
 @dataclass
@@ -76,6 +80,8 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     first_failure_seconds: float | None = None
+    known: dict = field(default_factory=dict)
+    """check -> {"count", "trace"} for each known check that failed."""
 
     @property
     def ok(self) -> bool:
@@ -98,7 +104,8 @@ class RunResult:
             if self.seconds else 0.0,
             "vacuous_warnings": self.warnings, "notes": self.notes, **self.totals,
             "failure": self.failure.failure if self.failure else None,
-            "trace": self.trace_path, "counts": COUNTS, "provenance": self.provenance,
+            "trace": self.trace_path, "known": self.known, "counts": COUNTS,
+            "provenance": self.provenance,
         }
 
 
@@ -150,7 +157,8 @@ def run(config: RunConfig, progress=None) -> RunResult:
             "smallest failing example so far)", final=True)
     machine = LockstepMachine.configure(
         implementations=impls, block_size=config.block_size, workload=config.workload,
-        kv_replay=config.kv_replay, op_timeout=config.op_timeout, budget=budget)
+        kv_replay=config.kv_replay, op_timeout=config.op_timeout, budget=budget,
+        known=tuple(config.known))
     run_settings = settings(
         max_examples=EXAMPLES_PER_CHUNK, stateful_step_count=STEPS_PER_EXAMPLE, deadline=None,
         database=None, suppress_health_check=list(HealthCheck), print_blob=False,
@@ -191,6 +199,9 @@ def run(config: RunConfig, progress=None) -> RunResult:
         failure = machine.last_failure
         failure.meta.update(seed=config.seed, chunk=chunk - 1)
         trace_path = str(failure.save(config.trace_dir))
+    known = {check: {"count": found["count"],
+                     "trace": str(found["witness"].save(config.trace_dir))}
+             for check, found in machine.known_found.items()}
     totals = TOTALS.as_dict()
     totals.update(steps=budget.searched, shrink_steps=budget.shrink_steps)
     result = RunResult(config, impls, not_run, totals, time.monotonic() - start, failure,
@@ -200,6 +211,7 @@ def run(config: RunConfig, progress=None) -> RunResult:
                                              block_size=config.block_size,
                                              workload=config.workload,
                                              op_timeout=config.op_timeout))
+    result.known = known
     if budget.found_at is not None:
         result.first_failure_seconds = round(budget.found_at - start, 3)
     if result.verdict == "pass":

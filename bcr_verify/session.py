@@ -78,19 +78,23 @@ class Totals:
     examples: int = 0
     steps: int = 0
     shrink_examples: int = 0
+    tree_shape: dict = field(default_factory=dict)
+    """Per lane, the deepest and widest tree reached (see :mod:`bcr_verify.shape`)."""
     operations: Counter = field(default_factory=Counter)
     rejected_requests: int = 0
     per_impl: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
-    def add(self, lockstep: Lockstep) -> None:
+    def add(self, lockstep: Lockstep, example: bool = True) -> None:
+        """Add ``lockstep``'s counts; ``example=False`` for lanes an example replaced midway."""
         report = lockstep.report()
-        self.examples += 1
+        self.examples += example
         self.steps += report.pop("steps")
         self.operations.update(report.pop("operations"))
         self.rejected_requests += report.pop("rejected_requests")
         for name, stats in report.pop("implementations").items():
-            mine = self.per_impl.setdefault(name, {"contract": stats["contract"]})
+            mine = self.per_impl.setdefault(name, {"contract": stats["contract"],
+                                                   "notes": stats.get("notes", {})})
             for key, value in stats.items():
                 if isinstance(value, (int, float)) and key != "hit_rate":
                     mine[key] = mine.get(key, 0) + value
@@ -128,7 +132,7 @@ class Totals:
             stats["hit_rate"] = round(stats.get("hit_tokens", 0) / lookups, 4) if lookups else 0.0
             impls[name] = stats
         return {"examples": self.examples, "steps": self.steps,
-                "shrink_examples": self.shrink_examples,
+                "shrink_examples": self.shrink_examples, "tree_shape": self.tree_shape,
                 "operations": dict(self.operations), "rejected_requests": self.rejected_requests,
                 "implementations": impls, **self._observer_sections()}
 

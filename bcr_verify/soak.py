@@ -100,6 +100,51 @@ class PromptDrawer:
         return [rng.choice((0, 1, 2)) for _ in range(rng.randint(0, 3 * self.bs + 1))]
 
 
+DEEP_TARGET_BLOCKS = 1200
+"""How deep the ``deep`` shape aims: past 1,000 radix nodes, as long agent sessions go."""
+DEEP_DEFAULT_MINUTES = 3.0
+"""The deep shape's default budget: 1,000+ radix nodes deep on a loaded 2-core machine (the
+caches' own calls slow down as chains deepen: ~65 ops/s at 1,000 blocks of 16 tokens)."""
+DEEP_RULES = ("serve",) * 14 + ("match", "match", "begin", "finish", "abort")
+"""The ``deep`` shape's rule weights: mostly serving, which grows the chains; no flushes and
+no evictions asked for (an LRU eviction would cut the newest chain once the old branches
+are gone): evictions happen when an allocation finds the pool full."""
+
+
+class DeepDrawer:
+    """Prompts that grow long chains and fan out: nine serves in ten extend the newest
+    conversation by one block (a new radix node, one level deeper), one in ten branches off a
+    block of a random conversation (fan-out), and lookups re-ask an existing prefix."""
+
+    def __init__(self, block_size: int, rng: random.Random, vocab: int = REGULAR_VOCAB):
+        self.bs = block_size
+        self.rng = rng
+        self.vocab = vocab
+        self.chains: list[list[int]] = []
+
+    def _block(self) -> list[int]:
+        return [self.rng.randrange(self.vocab) for _ in range(self.bs)]
+
+    def draw(self) -> list[int]:
+        rng = self.rng
+        if not self.chains or rng.random() < 0.9:  # the newest conversation goes on
+            grown = (self.chains.pop() if self.chains else []) + self._block()
+            self.chains.append(grown)
+        else:  # a side branch off any conversation; the newest one stays the newest
+            base = rng.choice(self.chains)
+            cut = rng.randrange(len(base) // self.bs + 1) * self.bs
+            grown = base[:cut] + self._block()
+            self.chains.insert(0, grown)
+            del self.chains[1:-63]
+        return list(grown)
+
+    def peek(self) -> list[int]:
+        if not self.chains:
+            return self._block()
+        chain = self.rng.choice(self.chains)
+        return chain[:self.rng.randrange(len(chain) + 1)]
+
+
 # ------------------------------------------------------------------ timing of raw impl calls
 
 
@@ -179,8 +224,11 @@ def sample(lockstep, ops: int, start: float) -> dict:
             "protected": sizes.protected if sizes else lane.shadow.protected_tokens,
             "free_pages": lane.adapter.available_pages(),
         }
+    from bcr_verify.shape import lockstep_shape
+
     return {"t": round(time.monotonic() - start, 2), "ops": ops, "rss_mb": round(rss_mb(), 2),
-            "gc_objects": len(gc.get_objects()), "lanes": lanes}
+            "gc_objects": len(gc.get_objects()), "lanes": lanes,
+            "tree_shape": lockstep_shape(lockstep)}
 
 
 def fit_slope(xs, ys) -> float:
@@ -265,6 +313,9 @@ class SoakConfig:
     trace_dir: str = "corpus/traces"
     shrink_seconds: float = 120.0
     op_timeout: float | None = DEFAULT_OP_TIMEOUT
+    shape: str = "mixed"
+    """``mixed``: the workload's prompts, flushes and evictions as the machine draws them;
+    ``deep``: long chains and fan-outs (:class:`DeepDrawer`), never flushed."""
 
 
 @dataclass
@@ -300,7 +351,11 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         raise UsageError(f"check_every must be >= 1, got {config.check_every}")
     impls, not_run = select_implementations(config.implementations, config.block_size)
     source = prompt_source(config.workload, config.block_size)
-    capacity = source.capacity_pages
+    if config.shape not in ("mixed", "deep"):
+        raise UsageError(f"shape must be 'mixed' or 'deep', got {config.shape!r}")
+    deep = config.shape == "deep"
+    capacity = max(source.capacity_pages, 2 * DEEP_TARGET_BLOCKS + 64) if deep \
+        else source.capacity_pages
     budget = StepBudget(config.max_ops)
     lockstep = build_lockstep(impls, config.block_size, capacity, check_every=config.check_every,
                               op_timeout=config.op_timeout, budget=budget)
@@ -310,7 +365,9 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         timer.wrap(lane.adapter, CHECKS, lambda m: "check")
     explicit = any(l.adapter.contract.eviction == "explicit" for l in lockstep.lanes)
     rng = random.Random(config.seed)
-    prompts = PromptDrawer(source.pool, config.block_size, rng)
+    prompts = DeepDrawer(config.block_size, rng) if deep else \
+        PromptDrawer(source.pool, config.block_size, rng)
+    lookups = prompts.peek if deep else prompts.draw
     pool_tokens = capacity * config.block_size
     budget_s = config.minutes * 60 if config.minutes else None
     every = config.sample_seconds or max(0.5, (budget_s or 60) / 240)
@@ -352,12 +409,18 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                                  f"{now - start:.0f}s" + (f"/{budget_s:.0f}s" if budget_s else ""))
                 if budget_s is not None and now - start >= budget_s:
                     break
-            enabled = ["serve", "match", "evict", "evict_value", "reset"]
-            if len(lockstep.requests) < config.max_running:
-                enabled.append("begin")
-            if running:
-                enabled += ["finish", "abort"]
-            rule = rng.choice(enabled)
+            if deep:
+                rule = rng.choice(DEEP_RULES)
+                if (rule == "begin" and len(lockstep.requests) >= config.max_running) or (
+                        rule in ("finish", "abort") and not running):
+                    rule = "serve"
+            else:
+                enabled = ["serve", "match", "evict", "evict_value", "reset"]
+                if len(lockstep.requests) < config.max_running:
+                    enabled.append("begin")
+                if running:
+                    enabled += ["finish", "abort"]
+                rule = rng.choice(enabled)
             rules[rule] += 1
             if rule == "serve":
                 rid = do_begin()
@@ -372,9 +435,9 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                 if rid in lockstep.requests:
                     getattr(lockstep, rule)(rid)
             elif rule == "match":
-                lockstep.match(prompts.draw())
+                lockstep.match(lookups())
             elif rule == "evict":
-                lockstep.evict(max(1, pool_tokens * rng.randint(1, 50) // 100))
+                lockstep.evict(max(1, pool_tokens * rng.randint(1, 3 if deep else 50) // 100))
             elif rule == "evict_value":
                 pick = rng.randint(0, 10_000)
                 if explicit:
@@ -443,7 +506,8 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
             "raw_ops_per_second_alone": round(total_ops / op_s, 1) if op_s else None,
             **lane.stats.as_dict(),
         }
-    growth = growth_verdict(samples, capacity)
+    growth = growth_verdict(samples, capacity) if not deep else {
+        "verdict": "not judged: the deep shape grows its trees by design", "series": {}}
     if failure is not None:
         verdict = "fail"
     elif interrupted:
@@ -463,6 +527,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         "lockstep_operations": total_ops,
         "implementation_operations": total_ops * lanes,
         "ops_per_second": round(total_ops / elapsed, 1) if elapsed else 0.0,
+        "shape": config.shape, "tree_shape": _widest_shape(samples),
         "rules": dict(rules), "flushes": flushes, "invariant_checks": lockstep.checks,
         "rejected_requests": lockstep.rejected,
         "overhead": {
@@ -494,6 +559,27 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     except OSError:
         pass
     return SoakResult(config, report, samples, trace, trace_path)
+
+
+def shape_line(shape: dict) -> str:
+    """The deepest chain and widest fan-out reached, in one line."""
+    if not shape:
+        return "tree shape: not measured"
+    parts = []
+    for lane, s in shape.items():
+        nodes = f", {s['depth_nodes']} nodes" if s.get("depth_nodes") is not None else ""
+        parts.append(f"{lane} {s.get('depth_blocks', 0)} blocks{nodes} deep, fan-out "
+                     f"{s.get('fanout', 0)}")
+    return "deepest tree: " + "; ".join(parts)
+
+
+def _widest_shape(samples: list[dict]) -> dict:
+    from bcr_verify.shape import widest
+
+    out: dict = {}
+    for s in samples:
+        out = widest(out, s.get("tree_shape", {}))
+    return out
 
 
 # ------------------------------------------------------------------ output
@@ -548,6 +634,7 @@ def summary(report: dict) -> str:
         f"{o['raw_implementation_op_seconds']} s = {o['ratio_wall_to_raw_ops']}x "
         f"(implementation self-checks {o['implementation_self_check_seconds']} s)",
     ]
+    lines.append(shape_line(report.get("tree_shape", {})))
     for name, d in report["implementations_detail"].items():
         lines.append(f"  {name:<22} raw ops {d['raw_op_seconds']:>8} s, checks "
                      f"{d['check_seconds']:>8} s, hit rate {d['hit_rate']:.3f}, "
@@ -585,9 +672,10 @@ def cmd_soak(args) -> int:
 
     config = SoakConfig(
         implementations=args.impls, block_size=args.block_size, workload=args.workload,
-        seed=args.seed, minutes=None if args.ops and not args.minutes else args.minutes or 1.0,
+        seed=args.seed, minutes=None if args.ops and not args.minutes else args.minutes or (
+            DEEP_DEFAULT_MINUTES if args.shape == "deep" else 1.0),
         max_ops=args.ops, check_every=args.check_every, sample_seconds=args.sample_seconds,
-        trace_dir=args.trace_dir, op_timeout=args.op_timeout)
+        trace_dir=args.trace_dir, op_timeout=args.op_timeout, shape=args.shape)
     show = None if args.quiet else progress_printer()
     result = soak(config, progress=show)
     if show:
@@ -622,7 +710,8 @@ def register(subparsers) -> None:
                "never PASS.\n\n" + EXIT_CODES)
     add_impl_args(p)
     p.add_argument("--minutes", type=_positive_float("--minutes"),
-                   help="run this long (default 1 unless --ops is given)")
+                   help="run this long (default 1, or 3 with --shape deep, unless --ops is "
+                        "given)")
     p.add_argument("--ops", type=_positive_int("--ops"),
                    help="stop after this many lockstep operations")
     p.add_argument("--check-every", type=_positive_int("--check-every"), default=64,
@@ -630,6 +719,9 @@ def register(subparsers) -> None:
                         "every flush and at the end; results are compared on every step")
     p.add_argument("--sample-seconds", type=_positive_float("--sample-seconds"),
                    help="sample RSS and sizes this often (default: ~240 samples per run)")
+    p.add_argument("--shape", choices=("mixed", "deep"), default="mixed",
+                   help="mixed: the workload's prompts with flushes (default); deep: long "
+                        "chains (past 1,000 radix nodes) and fan-outs, never flushed")
     p.add_argument("--json", metavar="PATH", help="write the report (with samples) here")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the samples here")
     p.add_argument("--trace-dir", default="corpus/traces",

@@ -42,6 +42,14 @@ class Implementation:
             return str(exc)
         return None
 
+    def notes(self) -> dict:
+        """What the built implementation says of itself (release, API generation, stand-ins,
+        invariants it cannot be checked for); empty where it says nothing."""
+        try:
+            return dict(getattr(self.build(1, 8), "notes", {}))
+        except (AdapterUnavailable, SetupError):
+            return {}
+
     def version(self) -> str:
         """``package==version``, as recorded in reports and traces."""
         return package_version(self.package)

@@ -1,91 +1,61 @@
-"""Adapters for SGLang's prefix caches (``sglang==0.5.23``), driven as its scheduler drives them.
+"""Adapters for SGLang's prefix caches, on any release from 0.4.3 to 0.5.23, driven as its
+scheduler drives them.
 
-- ``radix``: :class:`RadixCache`, the classic tree. It has no self-check, so
-  :mod:`bcr_verify.walker` walks it after every mutation. Its clock is ``time.monotonic()``,
-  replaced here by a counter so that LRU order, and so every replay, is reproducible.
-- ``unified-py`` / ``unified-rust``: :class:`UnifiedRadixCache` with the Python or the Rust tree
-  core, checked by its own ``sanity_check()``. Both already keep LRU on logical counters.
+- ``radix``: :class:`RadixCache`, the classic tree, on every release. It has no self-check, so
+  :mod:`bcr_verify.walker` walks it after every mutation. Its clock (``time.time`` or
+  ``time.monotonic``) is replaced by a counter so that LRU order, and so every replay, is
+  reproducible. How each release spells each call is in :mod:`bcr_verify.adapters.sglang_api`.
+- ``unified-py`` / ``unified-rust``: :class:`UnifiedRadixCache` (0.5.22+) with the Python or
+  the Rust tree core, checked by its own ``sanity_check()``.
 
-Each adapter owns SGLang's real allocator (``TokenToKVPoolAllocator`` for page size 1,
-``PagedTokenToKVPoolAllocator`` otherwise) on the CPU without a KV buffer, and records every
-index the cache frees through it. A page id is ``index // page_size``. After an insert the
-adapter overwrites the value tensor it passed, as a scheduler reuses its page-table row, so a
-cache that kept a view of the caller's tensor is caught by the next lookup.
+Each adapter owns the release's real allocator on the CPU without a KV buffer, and records
+every index the cache frees through it. A page id is ``index // page_size``. After an insert
+the adapter overwrites the value tensor it passed, as a scheduler reuses its page-table row,
+so a cache that kept a view of the caller's tensor is caught by the next lookup.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
-import time
-import types
-import warnings
-from array import array
 from typing import Sequence
 
 from bcr_verify.adapters.base import CacheAdapter, Contract, Inserted, Match, Sizes
+from bcr_verify.adapters.sglang_api import load
 from bcr_verify.errors import AdapterUnavailable, InvariantViolation
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    logging.disable(logging.WARNING)
-    try:
-        import torch
-        from sglang.srt.mem_cache import radix_cache as _radix_module
-        from sglang.srt.mem_cache.allocator import (
-            PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator,
-        )
-        from sglang.srt.mem_cache.base_prefix_cache import (
-            EvictParams, InsertParams, MatchPrefixParams,
-        )
-        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-        from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
-        from sglang.srt.mem_cache.unified_cache.components import ComponentType
-        from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
-    finally:
-        logging.disable(logging.NOTSET)
-
-_ticks = itertools.count(1)
-_radix_module.time = types.SimpleNamespace(
-    monotonic=lambda: float(next(_ticks)), perf_counter=time.perf_counter)
-
 KINDS = ("radix", "unified-py", "unified-rust")
+UNIFIED_FROM = "0.5.22"
+"""UnifiedRadixCache exists from 0.5.18; its 0.5.22+ API is the one driven here."""
 
 
 class RecordingAllocator:
-    """SGLang's real allocator, with every index freed into it recorded."""
+    """The release's real allocator, with every index freed into it recorded."""
 
     def __init__(self, page_size: int, capacity_pages: int):
-        size = page_size * capacity_pages
-        if page_size == 1:
-            self.real = TokenToKVPoolAllocator(size=size, dtype=torch.bfloat16, device="cpu",
-                                               kvcache=None, need_sort=False)
-        else:
-            self.real = PagedTokenToKVPoolAllocator(size=size, page_size=page_size,
-                                                    dtype=torch.bfloat16, device="cpu",
-                                                    kvcache=None, need_sort=False)
+        self.api = load()
+        self.real = self.api.make_allocator(page_size, capacity_pages)
         self.page_size = page_size
         self.capacity_pages = capacity_pages
         self.freed: list[int] = []
         self._inside = False
-        free, free_segment = self.real.free, self.real.free_segment
-
-        # Tree frees go through free_segment; the paged allocator then bypasses free().
-        def recording_free_segment(indices, *, start_pos):
-            self._record(indices)
-            self._inside = True
-            try:
-                return free_segment(indices, start_pos=start_pos)
-            finally:
-                self._inside = False
+        free = self.real.free
+        free_segment = getattr(self.real, "free_segment", None)
 
         def recording_free(indices):
             if not self._inside:
                 self._record(indices)
             return free(indices)
 
-        self.real.free_segment = recording_free_segment
         self.real.free = recording_free
+        if free_segment is not None:
+            # Tree frees go through free_segment (0.5.18+); the paged one then bypasses free().
+            def recording_free_segment(indices, *, start_pos):
+                self._record(indices)
+                self._inside = True
+                try:
+                    return free_segment(indices, start_pos=start_pos)
+                finally:
+                    self._inside = False
+            self.real.free_segment = recording_free_segment
 
     def _record(self, indices) -> None:
         self.freed.extend(sorted({int(i) // self.page_size for i in indices.tolist()}))
@@ -94,7 +64,8 @@ class RecordingAllocator:
         freed, self.freed = self.freed, []
         return freed
 
-    def indices(self, pages: Sequence[int]) -> "torch.Tensor":
+    def indices(self, pages: Sequence[int]):
+        torch = self.api.torch
         pages = torch.tensor(list(pages), dtype=torch.int64)
         offsets = torch.arange(self.page_size, dtype=torch.int64)
         return (pages[:, None] * self.page_size + offsets).reshape(-1)
@@ -102,10 +73,15 @@ class RecordingAllocator:
     def pages(self, indices) -> list[int]:
         return [int(i) // self.page_size for i in indices.tolist()[:: self.page_size]]
 
+    def free_indices(self, indices, start_pos: int = 0) -> None:
+        """Free as the scheduler does: by segment where the release has it."""
+        if hasattr(self.real, "free_segment"):
+            self.real.free_segment(indices, start_pos=start_pos)
+        else:
+            self.real.free(indices)
+
     def free_page_ids(self) -> set[int]:
-        held_back = self.real.release_pages  # need_sort's deferred frees; None when paged
-        return set(self.real.free_pages.tolist()) | set(
-            [] if held_back is None else held_back.tolist())
+        return self.api.free_page_ids(self.real, self.page_size)
 
 
 class SGLangAdapter(CacheAdapter):
@@ -118,19 +94,32 @@ class SGLangAdapter(CacheAdapter):
         self.unified = kind != "radix"
         self.page_size = block_size
         self.allocator = RecordingAllocator(block_size, capacity_pages)
+        self.api = self.allocator.api
         self.cache = self._build()
+        self.notes = {"release": self.api.t.release, "generation": self.api.t.generation,
+                      "stand_ins": self.api.t.stand_ins,
+                      "not_checked": [] if self.unified else self.api.t.not_checked()}
         self.contract = Contract(
             block_size=block_size, values="int64 tensor of KV slot indices, page-aligned",
             eviction="lru", may_over_evict=True, reports_sizes=True,
             self_check="sanity_check()" if self.unified else "external walker (bcr_verify.walker)")
 
     def _build(self):
+        api = load()
         if not self.unified:
-            return RadixCache(CacheInitParams(
-                disable=False, req_to_token_pool=None, page_size=self.page_size,
-                token_to_kv_pool_allocator=self.allocator.real))
+            return api.make_radix_cache(self.allocator.real, self.page_size)
+        from bcr_verify.adapters.sglang_api import release_tuple
+        if release_tuple(api.t.release) < release_tuple(UNIFIED_FROM):
+            raise AdapterUnavailable(
+                f"UnifiedRadixCache is driven from sglang {UNIFIED_FROM} on; this is "
+                f"{api.t.release}" + (" (it has an earlier API there)"
+                                      if release_tuple(api.t.release) >= (0, 5, 18, 0) else
+                                      " (it came in 0.5.18)"))
+        from sglang.srt.mem_cache.unified_cache.components import ComponentType
+        from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
         backend = "python" if self.kind == "unified-py" else "rust"
-        cache = UnifiedRadixCache(CacheInitParams(
+        cache = UnifiedRadixCache(api.CacheInitParams(
             disable=False, req_to_token_pool=None, page_size=self.page_size,
             token_to_kv_pool_allocator=self.allocator.real,
             tree_components=(ComponentType.FULL,), tree_core_backend=backend))
@@ -141,14 +130,8 @@ class SGLangAdapter(CacheAdapter):
                 "(it needs Linux and torch 2.11-2.14)")
         return cache
 
-    @staticmethod
-    def _key(tokens: Sequence[int]) -> "RadixKey":
-        return RadixKey(token_ids=array("q", tokens), extra_key=None)
-
     def match(self, tokens: Sequence[int]) -> Match:
-        result = self.cache.match_prefix(MatchPrefixParams(key=self._key(tokens)))
-        node, length = result.last_device_node, result.device_prefix_len
-        indices = self.cache.path_device_indices(node)[:length]
+        length, indices, node = self.api.match(self.cache, self.api.key(tokens))
         return Match(length=length, pages=self.allocator.pages(indices), handle=node)
 
     def lock(self, handle):
@@ -164,20 +147,27 @@ class SGLangAdapter(CacheAdapter):
     def insert(self, tokens: Sequence[int], pages: Sequence[int], owned_from: int) -> Inserted:
         aligned = len(pages) * self.page_size
         value = self.allocator.indices(pages)
-        key = self._key(list(tokens)[:aligned])
+        key = self.api.key(list(tokens)[:aligned])
         owned = owned_from * self.page_size
         self.allocator.take_freed()
         if self.unified:
-            result = self.cache.insert(InsertParams(key=key, value=value, prev_prefix_len=owned))
+            from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+            prefix_len = self.cache.insert(
+                InsertParams(key=key, value=value, prev_prefix_len=owned)).prefix_len
         else:
-            result = self.cache.insert(InsertParams(key=key, value=value))
-            self.allocator.real.free_segment(value[owned:result.prefix_len], start_pos=owned)
+            prefix_len = self.api.insert(self.cache, key, value)
+            if prefix_len > owned:
+                self.allocator.free_indices(value[owned:prefix_len], start_pos=owned)
         value.fill_(-1)  # the scheduler reuses its row: a cache holding a view now sees -1s
-        return Inserted(prefix_len=result.prefix_len, freed=self.allocator.take_freed())
+        return Inserted(prefix_len=prefix_len, freed=self.allocator.take_freed())
 
     def evict_tokens(self, num_tokens: int) -> list[int]:
         self.allocator.take_freed()
-        self.cache.evict(EvictParams(num_tokens=num_tokens))
+        if self.unified:
+            from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+            self.cache.evict(EvictParams(num_tokens=num_tokens))
+        else:
+            self.api.evict(self.cache, num_tokens, self.allocator.real)
         return self.allocator.take_freed()
 
     def alloc(self, num_pages: int) -> list[int] | None:
@@ -209,7 +199,7 @@ class SGLangAdapter(CacheAdapter):
                 raise InvariantViolation(self.name, "sanity_check", str(exc)) from exc
         else:
             from bcr_verify.walker import walk_radix_cache
-            walk_radix_cache(self.name, self.cache, self.allocator.free_page_ids())
+            walk_radix_cache(self.name, self.cache, self.allocator.free_page_ids(), self.api)
 
     def reset(self) -> None:
         self.cache.reset()

@@ -1,0 +1,101 @@
+"""Inert CPU stand-ins for CUDA-only packages that some SGLang releases import at module level.
+
+SGLang 0.4.x imports ``vllm`` and 0.5.7-0.5.9 import ``sgl_kernel`` on the way to the prefix
+cache, which never calls them; neither installs on a machine without CUDA. Only when the cache
+module's import fails *because one of these is missing* does :func:`import_with_standins`
+put a stand-in in its place and try again. A stand-in answers every attribute with an inert
+placeholder (subclassable, callable, returning placeholders) and records each name asked for,
+so the report can say exactly what stood in ("stand-in used for vllm: _custom_ops, ..."):
+no verdict hides it. Were the cache ever to compute with a placeholder, its results would be
+nonsense, and the lockstep comparison would say so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
+CUDA_ONLY = ("vllm", "sgl_kernel", "sglang_kernel", "flashinfer", "deep_gemm", "torchvision",
+             "xgrammar", "tvm_ffi")
+"""Packages that may stand in, and only after an import failed for want of them."""
+
+
+class Inert:
+    """A placeholder for any name: subclass it, call it, read from it, iterate it."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        if len(args) == 1 and callable(args[0]) and not kwargs:
+            return args[0]  # used as a decorator: leave the function as it was
+        return Inert()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Inert()
+
+    def __iter__(self):
+        return iter(())
+
+    def __bool__(self):
+        return False
+
+
+class StandIn(types.ModuleType):
+    def __init__(self, name: str, names: list[str]):
+        super().__init__(name)
+        self.__path__ = []  # a package: its submodules stand in too
+        self._names = names
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._names.append(f"{self.__name__}.{name}")
+        placeholder = type(name, (Inert,), {"__module__": self.__name__})
+        setattr(self, name, placeholder)
+        return placeholder
+
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, package: str):
+        self.package = package
+        self.names: list[str] = []
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname == self.package or fullname.startswith(self.package + "."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return StandIn(spec.name, self.names)
+
+    def exec_module(self, module):
+        pass
+
+
+def import_with_standins(module: str) -> tuple[types.ModuleType, list[dict]]:
+    """Import ``module``, standing in for CUDA-only packages its import chain lacks.
+
+    Returns the module and, per stand-in used, ``{"package": ..., "names": [...]}``.
+    """
+    finders: list[_Finder] = []
+    while True:
+        try:
+            loaded = importlib.import_module(module)
+            break
+        except ModuleNotFoundError as exc:
+            top = (exc.name or "").split(".")[0]
+            if top not in CUDA_ONLY or any(f.package == top for f in finders):
+                raise
+            finder = _Finder(top)
+            sys.meta_path.insert(0, finder)
+            finders.append(finder)
+            for name in [n for n in sys.modules if n == module or n.startswith("sglang.")]:
+                if sys.modules[name] is None:
+                    del sys.modules[name]
+    return loaded, [{"package": f.package, "names": sorted(set(f.names))} for f in finders]
