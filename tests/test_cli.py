@@ -76,3 +76,25 @@ def test_tokenizer_reports_the_bpe_prefix_effect():
     assert report["sha256"].startswith("f7c9b2db")
     assert report["bpe_prefix_stability"]["random_cuts"]["prefix_share"] < 0.9
     assert report["bpe_prefix_stability"]["special_token_cuts"]["prefix_share"] == 1.0
+
+
+def test_known_check_is_counted_with_a_witness_and_the_search_goes_on(tmp_path):
+    out = cli("run", "--impl", "reference", "--impl", "broken_caches:off_by_one_match",
+              "--block-size", "1", "--max-steps", "300", "--quiet", "--known", "match",
+              "--trace-dir", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verdict"] == "pass" and report["steps"] == 300
+    known = report["known"]["match"]
+    assert known["count"] >= 1 and "KNOWN: match" in out.stdout
+    again = cli("replay", known["trace"])
+    assert again.returncode == 1 and "[match]" in again.stdout
+
+
+def test_run_reports_the_tree_shape_it_reached(tmp_path):
+    out = cli("run", "--impl", "reference", "--impl", "sglang-radix", "--max-steps", "200",
+              "--quiet", "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    shape = json.loads((tmp_path / "r.json").read_text())["tree_shape"]
+    assert shape["reference"]["depth_blocks"] > 1 and shape["sglang-radix"]["depth_nodes"] >= 1
+    assert "deepest tree:" in out.stdout

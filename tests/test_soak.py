@@ -76,3 +76,14 @@ def test_soak_divergence_is_shrunk_and_saved(tmp_path):
     trace = Trace.load(r["trace"])
     failure, _ = replay(trace)
     assert failure is not None and failure.check == check
+
+
+def test_deep_shape_grows_one_long_chain_and_fans_out(tmp_path):
+    result = soak(SoakConfig(implementations=["reference", "sglang-radix"], minutes=None,
+                             max_ops=400, shape="deep", block_size=4, trace_dir=str(tmp_path)))
+    r = result.report
+    assert result.ok, r["failure"]
+    assert r["flushes"] == 0 and "not judged" in r["growth"]["verdict"]
+    shape = r["tree_shape"]["sglang-radix"]
+    assert shape["depth_nodes"] >= 120 and shape["fanout"] >= 3, shape  # ~2 ops per level
+    assert shape["depth_blocks"] == r["tree_shape"]["reference"]["depth_blocks"]

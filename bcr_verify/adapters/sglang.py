@@ -158,7 +158,8 @@ class SGLangAdapter(CacheAdapter):
             prefix_len = self.api.insert(self.cache, key, value)
             if prefix_len > owned:
                 self.allocator.free_indices(value[owned:prefix_len], start_pos=owned)
-        value.fill_(-1)  # the scheduler reuses its row: a cache holding a view now sees -1s
+        if self.unified or self.api.t.insert_copies:
+            value.fill_(-1)  # the scheduler reuses its row: a cache holding a view sees -1s
         return Inserted(prefix_len=prefix_len, freed=self.allocator.take_freed())
 
     def evict_tokens(self, num_tokens: int) -> list[int]:

@@ -78,6 +78,11 @@ class Translations:
     frees_through: str     # "free" | "free_segment"
     evictable_leaves: bool
     pages: bool
+    insert_copies: bool
+    """The cache copies the value it is given (0.5.8+). Before, the scheduler hands insert a
+    copy of its row (``cache_finished_req`` clones), so the row is not the cache's to see."""
+    split_copies: bool
+    """A split gives each half its own storage (0.5.8+); before, both halves view one."""
     stand_ins: list = field(default_factory=list)
     """Modules replaced by inert CPU stand-ins so the cache module could import."""
 
@@ -88,6 +93,9 @@ class Translations:
             missing.append("evictable leaves (no evictable_leaves set before 0.5.9)")
         if not self.pages:
             missing.append("page alignment (no page_size before 0.4.4)")
+        if not self.split_copies:
+            missing.append("value owns storage (split halves share one storage by design "
+                           "before 0.5.8)")
         return missing
 
 
@@ -146,6 +154,8 @@ class Sglang:
             frees_through="free_segment" if self._token_allocator_class() and hasattr(
                 self._token_allocator_class(), "free_segment") else "free",
             evictable_leaves=False, pages="page_size" in ctor or "params" in ctor,
+            insert_copies=_source_has(self.RadixCache, "_insert_helper", ".clone()"),
+            split_copies=_source_has(self.RadixCache, "_split_node", ".clone()"),
             stand_ins=used)
         # A clock that ticks once per read: LRU order, and so every replay, is reproducible.
         ticks = itertools.count(1)
@@ -266,6 +276,14 @@ def _optional(module: str):
         return importlib.import_module(module)
     except ImportError:
         return None
+
+
+def _source_has(cls, method: str, text: str) -> bool:
+    """Whether ``cls.method``'s installed source contains ``text`` (False if unreadable)."""
+    try:
+        return text in inspect.getsource(getattr(cls, method))
+    except (AttributeError, OSError, TypeError):
+        return False
 
 
 def _accepted(function, offered: dict) -> dict:

@@ -3,7 +3,9 @@
 SGLang 0.4.x imports ``vllm`` and 0.5.7-0.5.9 import ``sgl_kernel`` on the way to the prefix
 cache, which never calls them; neither installs on a machine without CUDA. Only when the cache
 module's import fails *because one of these is missing* does :func:`import_with_standins`
-put a stand-in in its place and try again. A stand-in answers every attribute with an inert
+put a stand-in in its place and try again. Likewise for a CPU-feature probe of torch's that
+the local torch no longer has (0.4.9 asks ``torch._C._cpu._is_amx_tile_supported()`` at
+import): it answers False, the answer of a CPU without the feature. A stand-in answers every attribute with an inert
 placeholder (subclassable, callable, returning placeholders) and records each name asked for,
 so the report can say exactly what stood in ("stand-in used for vllm: _custom_ops, ..."):
 no verdict hides it. Were the cache ever to compute with a placeholder, its results would be
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import re
 import importlib.machinery
 import sys
 import types
@@ -23,7 +26,17 @@ CUDA_ONLY = ("vllm", "sgl_kernel", "sglang_kernel", "flashinfer", "deep_gemm", "
 """Packages that may stand in, and only after an import failed for want of them."""
 
 
-class Inert:
+class _InertType(type):
+    def __getattr__(cls, name):  # class attributes too: ``scalar_types.uint4b8``
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Inert()
+
+    def __iter__(cls):
+        return iter(())
+
+
+class Inert(metaclass=_InertType):
     """A placeholder for any name: subclass it, call it, read from it, iterate it."""
 
     def __init__(self, *args, **kwargs):
@@ -84,10 +97,19 @@ def import_with_standins(module: str) -> tuple[types.ModuleType, list[dict]]:
     Returns the module and, per stand-in used, ``{"package": ..., "names": [...]}``.
     """
     finders: list[_Finder] = []
+    probes: list[str] = []
     while True:
         try:
             loaded = importlib.import_module(module)
             break
+        except AttributeError as exc:
+            probe = _missing_cpu_probe(exc)
+            if probe is None or probe in probes:
+                raise
+            import torch
+            setattr(torch._C._cpu, probe, lambda *args: False)
+            probes.append(probe)
+            _forget_failed(module)
         except ModuleNotFoundError as exc:
             top = (exc.name or "").split(".")[0]
             if top not in CUDA_ONLY or any(f.package == top for f in finders):
@@ -95,7 +117,22 @@ def import_with_standins(module: str) -> tuple[types.ModuleType, list[dict]]:
             finder = _Finder(top)
             sys.meta_path.insert(0, finder)
             finders.append(finder)
-            for name in [n for n in sys.modules if n == module or n.startswith("sglang.")]:
-                if sys.modules[name] is None:
-                    del sys.modules[name]
-    return loaded, [{"package": f.package, "names": sorted(set(f.names))} for f in finders]
+            _forget_failed(module)
+    used = [{"package": f.package, "names": sorted(set(f.names))} for f in finders]
+    used += [{"package": "torch", "names": [f"torch._C._cpu.{p} (answers False)"]}
+             for p in probes]
+    return loaded, used
+
+
+def _missing_cpu_probe(exc: AttributeError) -> str | None:
+    """The name of a ``torch._C._cpu`` probe this torch lacks, if that is what failed."""
+    match = re.fullmatch(r"module 'torch\._C\._cpu' has no attribute '(_is_\w+_supported)'",
+                         str(exc))
+    return match.group(1) if match else None
+
+
+def _forget_failed(module: str) -> None:
+    """Drop what the failed attempt left half-imported, so the retry starts clean."""
+    for name in [n for n in sys.modules if n == module or n.startswith("sglang.")]:
+        if sys.modules[name] is None or not getattr(sys.modules[name], "__spec__", None):
+            del sys.modules[name]

@@ -1,0 +1,88 @@
+"""SGLang across its releases: every release with a recipe is driven in its own venv, on its
+own API generation and real allocator, and the matrix / bisect commands work over them.
+
+The venvs are built once under .venvs/ (about a minute and a half each) and reused."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bcr_verify.errors import UsageError
+from bcr_verify.matrix import bisect
+from bcr_verify.releases import ensure, known_releases, select
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES_FROM = (0, 4, 4, 0)
+
+
+def test_release_specs():
+    known = known_releases()
+    assert select("0.4.3,0.5.5") == ["0.4.3", "0.5.5"]
+    assert select("all") == known
+    assert all(r in known for r in select("0.4.3..0.5.5"))
+    with pytest.raises(UsageError, match="no recipe for sglang '9.9.9'"):
+        select("9.9.9")
+
+
+def test_bisect_names_the_first_release_whose_verdict_changes():
+    releases = ["a", "b", "c", "d", "e", "f"]
+    asked = []
+
+    def verdict(release):
+        asked.append(release)
+        return "fail" if release in ("a", "b", "c") else "pass"
+    first, tried = bisect("t.json", releases, verdict)
+    assert first == "d" and tried["c"] == "fail" and tried["d"] == "pass"
+    assert len(asked) < len(releases)
+    assert bisect("t.json", ["a", "b"], lambda r: "pass")[0] is None
+
+
+@pytest.fixture(scope="module", params=known_releases())
+def release(request):
+    return request.param, ensure(request.param)
+
+
+def bcr_verify_in(python, *args, cwd=ROOT):
+    return subprocess.run([str(python), "-m", "bcr_verify.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=900)
+
+
+def test_each_release_is_driven_on_its_own_generation(release, tmp_path):
+    from bcr_verify.adapters.sglang_api import generation, release_tuple
+
+    name, python = release
+    out = bcr_verify_in(python, "impls", "--json")
+    assert out.returncode == 0, out.stderr
+    row = next(r for r in json.loads(out.stdout) if r["name"] == "sglang-radix")
+    assert row["available"], row["reason"]
+    assert row["notes"]["release"] == name
+    assert row["notes"]["generation"] == generation(name)
+    sizes = [1, 4] if release_tuple(name) >= PAGES_FROM else [1]
+    for size in sizes:
+        report = tmp_path / f"bs{size}.json"
+        out = bcr_verify_in(python, "run", "--impl", "reference", "--impl", "sglang-radix",
+                            "--block-size", str(size), "--max-steps", "300", "--quiet",
+                            "--json", str(report), "--trace-dir", str(tmp_path))
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+        data = json.loads(report.read_text())
+        radix = data["implementations"]["sglang-radix"]
+        assert data["verdict"] == "pass" and radix["hits"] > 0 and radix["evictions"] > 0
+        assert radix["notes"]["release"] == name
+
+
+def test_matrix_table_json_and_plot(tmp_path):
+    releases = ",".join(known_releases()[:2])
+    out = subprocess.run([sys.executable, "-m", "bcr_verify.cli", "matrix", "--releases",
+                          releases, "--block-size", "1", "--max-steps", "100", "--json",
+                          str(tmp_path / "m.json"), "--plot", str(tmp_path / "m.png"),
+                          "--trace-dir", str(tmp_path)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert [r["release"] for r in rows] == releases.split(",")
+    assert all(r["verdict"] == "pass" and r["generation"] for r in rows)
+    assert "| release | generation |" in out.stdout
+    assert (tmp_path / "m.png").stat().st_size > 1000
