@@ -163,7 +163,7 @@ def cmd_run(args) -> int:
         implementations=args.impls, block_size=args.block_size, seed=args.seed,
         max_steps=None if args.minutes else args.max_steps, minutes=args.minutes,
         workload=args.workload, kv_replay=args.kv_replay, trace_dir=args.trace_dir,
-        op_timeout=args.op_timeout, known=tuple(args.known or ()))
+        op_timeout=args.op_timeout, known=tuple(args.known or ()), strict_lru=args.strict_lru)
     show = None if args.quiet else progress_printer()
     result = run(config, progress=show)
     if show:
@@ -202,6 +202,10 @@ def print_report(report: dict) -> None:
         print(f"kv replay: {report['kv_replay']}")
     from bcr_verify.soak import shape_line
     print(shape_line(report.get("tree_shape", {})))
+    for name, r in report.get("lru_relaxations", {}).items():
+        counts = ", ".join(f"{impl} {n}" for impl, n in r["count"].items())
+        print(f"deviation from strict LRU, accepted: {name} ({counts}); witness: {r['trace']} "
+              "(--strict-lru refuses it)")
     for check, known in report.get("known", {}).items():
         print(f"KNOWN: {check} failed {known['count']} times (not a new finding; lanes restart "
               f"empty after each); witness: {known['trace']}")
@@ -343,7 +347,8 @@ def side_by_side(trace, implementations=None, op_timeout=None) -> tuple[str, obj
     names = list(implementations or trace.implementations)
     replayed = build_lockstep(names, trace.block_size, trace.capacity_pages,
                               kv_replay=trace.kv_replay,
-                              op_timeout=op_timeout or DEFAULT_OP_TIMEOUT)
+                              op_timeout=op_timeout or DEFAULT_OP_TIMEOUT,
+                              strict_lru=trace.strict_lru)
     seen: dict[str, tuple[int, list[int]]] = {}
     for lane in replayed.lanes:
         def spy(tokens, _match=lane.adapter.match, _name=lane.name):
@@ -434,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a check already known to fail here (e.g. 'sizes'): each hit is "
                         "counted and one witness trace kept, and the search goes on for others "
                         "(repeatable)")
+    p.add_argument("--strict-lru", action="store_true",
+                   help="judge eviction by strict block-level LRU: an eviction legal only "
+                        "under a relaxation the model accepts for radix trees (whole-node "
+                        "over-eviction, split refresh) fails the run; by default each is "
+                        "counted, with a witness trace")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_run, supervise=True)
 

@@ -33,7 +33,7 @@ from bcr_verify.errors import (
     Divergence, FatalFinding, InvariantViolation, UsageError, VerificationFailure,
 )
 from bcr_verify.guard import BEACON, DEFAULT_OP_TIMEOUT, STEP, WATCHDOG, guard
-from bcr_verify.models.reference import ReferenceCache
+from bcr_verify.models.reference import RELAXATIONS, ReferenceCache
 
 
 class BudgetSpent(BaseException):
@@ -92,6 +92,10 @@ class LaneStats:
     evictions: int = 0
     evicted_tokens: int = 0
     duplicates_freed: int = 0
+    lru_deviations: Counter = field(default_factory=Counter)
+    """Relaxation of strict LRU -> evictions that needed it (see ``RELAXATIONS``)."""
+    witnesses: dict = field(default_factory=dict)
+    """Relaxation -> the steps up to its first occurrence: a trace that shows it."""
 
     def as_dict(self) -> dict:
         return {
@@ -100,6 +104,7 @@ class LaneStats:
             "hit_rate": round(self.hit_tokens / self.lookup_tokens, 4) if self.lookup_tokens else 0.0,
             "evictions": self.evictions, "evicted_tokens": self.evicted_tokens,
             "duplicates_freed": self.duplicates_freed,
+            "lru_deviations": dict(self.lru_deviations), "lru_witnesses": dict(self.witnesses),
         }
 
 
@@ -155,12 +160,15 @@ class Lockstep:
 
     ``op_timeout``: seconds one implementation call may take (None: no limit). ``origin``:
     how to rebuild these lanes (implementations, block size, capacity), for the journal.
-    ``budget``: a :class:`StepBudget` shared across locksteps.
+    ``budget``: a :class:`StepBudget` shared across locksteps. ``strict_lru``: an eviction
+    that is legal only under a relaxation of strict LRU is a divergence; otherwise each one
+    is counted per relaxation, with the steps that first showed it.
     """
 
     def __init__(self, adapters: Sequence[CacheAdapter], check_every: int = 1,
                  observers: Sequence[Observer] = (), op_timeout: float | None = DEFAULT_OP_TIMEOUT,
-                 origin: dict | None = None, budget: StepBudget | None = None):
+                 origin: dict | None = None, budget: StepBudget | None = None,
+                 strict_lru: bool = False):
         if not adapters:
             raise UsageError("adapters: need at least one implementation to verify")
         names = [a.name for a in adapters]
@@ -177,6 +185,7 @@ class Lockstep:
         """Whether a hang is detected in this process (main thread only)."""
         self.origin = origin
         self.budget = budget
+        self.strict_lru = strict_lru
         self.journal = journal.JOURNAL if origin is not None else None
         if self.journal:
             self.journal.fresh(origin)
@@ -416,9 +425,15 @@ class Lockstep:
         if lane.adapter.contract.eviction == "lru":
             freed = list(lane.adapter.evict_tokens(num_tokens))
             try:
-                lane.shadow.apply_lru_eviction(freed, num_tokens)
+                relaxed = lane.shadow.apply_lru_eviction(freed, num_tokens)
             except ValueError as exc:
                 raise lane.diverge("eviction", str(exc)) from None
+            for name in relaxed:
+                if self.strict_lru:
+                    raise lane.diverge("strict LRU", f"{name}: {RELAXATIONS[name]}")
+                lane.stats.lru_deviations[name] += 1
+                if name not in lane.stats.witnesses:
+                    lane.stats.witnesses[name] = list(self.steps)
         else:
             freed = []
             for value in lane.shadow.lru_victims(num_tokens):

@@ -64,6 +64,8 @@ class RunConfig:
     op_timeout: float | None = DEFAULT_OP_TIMEOUT
     known: tuple[str, ...] = ()
     """Checks known to fail: counted with one witness trace each, not reported as findings."""
+    strict_lru: bool = False
+    """Evictions legal only under a relaxation of strict LRU fail the run."""
 
 
 @dataclass
@@ -117,7 +119,7 @@ def select_implementations(names: list[str] | None, block_size: int) -> tuple[li
     """
     chosen, not_run = [], {}
     for name in names or DEFAULT:
-        why = resolve(name).availability()
+        why = resolve(name).availability(block_size)
         if why is None:
             chosen.append(name)
         elif names:
@@ -158,7 +160,7 @@ def run(config: RunConfig, progress=None) -> RunResult:
     machine = LockstepMachine.configure(
         implementations=impls, block_size=config.block_size, workload=config.workload,
         kv_replay=config.kv_replay, op_timeout=config.op_timeout, budget=budget,
-        known=tuple(config.known))
+        known=tuple(config.known), strict_lru=config.strict_lru)
     run_settings = settings(
         max_examples=EXAMPLES_PER_CHUNK, stateful_step_count=STEPS_PER_EXAMPLE, deadline=None,
         database=None, suppress_health_check=list(HealthCheck), print_blob=False,
@@ -204,6 +206,7 @@ def run(config: RunConfig, progress=None) -> RunResult:
              for check, found in machine.known_found.items()}
     totals = TOTALS.as_dict()
     totals.update(steps=budget.searched, shrink_steps=budget.shrink_steps)
+    totals["lru_relaxations"] = save_witnesses(totals, impls, config)
     result = RunResult(config, impls, not_run, totals, time.monotonic() - start, failure,
                        trace_path, interrupted=interrupted, notes=notes,
                        provenance=provenance(impls, max_steps=config.max_steps,
@@ -217,6 +220,37 @@ def run(config: RunConfig, progress=None) -> RunResult:
     if result.verdict == "pass":
         result.warnings = vacuity_warnings(totals, not_run)
     return result
+
+
+def save_witnesses(totals: dict, impls: list[str], config) -> dict:
+    """Save each relaxation's shortest witness as a strict-LRU trace; the report's section.
+
+    Returns ``{relaxation: {"meaning", "count": {impl: n}, "trace"}}``, and leaves only the
+    counts in each implementation's stats.
+    """
+    from bcr_verify.models.reference import RELAXATIONS
+
+    out: dict = {}
+    for name, stats in totals.get("implementations", {}).items():
+        witnesses = stats.pop("lru_witnesses", {}) or {}
+        for relaxation, count in stats.get("lru_deviations", {}).items():
+            entry = out.setdefault(relaxation, {"meaning": RELAXATIONS[relaxation],
+                                                "count": {}, "trace": None})
+            entry["count"][name] = count
+            steps = witnesses.get(relaxation)
+            if steps and (entry["trace"] is None or len(steps) < entry["steps"]):
+                trace = Trace(implementations=list(impls), block_size=config.block_size,
+                              capacity_pages=config_capacity(config), steps=steps,
+                              strict_lru=True, meta={"witness_of": relaxation,
+                                                     "workload": config.workload})
+                path = trace.save(config.trace_dir, label=f"lru-witness-{relaxation}")
+                entry["trace"], entry["steps"] = str(path), len(steps)
+    return out
+
+
+def config_capacity(config) -> int:
+    from bcr_verify.session import prompt_source
+    return prompt_source(config.workload, config.block_size).capacity_pages
 
 
 def write_json(report: dict, path: str) -> None:

@@ -25,7 +25,7 @@ from bcr_verify.lockstep import Lockstep, StepBudget
 def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pages: int,
                    kv_replay: bool = False, check_every: int = 1,
                    op_timeout: float | None = DEFAULT_OP_TIMEOUT,
-                   budget: StepBudget | None = None) -> Lockstep:
+                   budget: StepBudget | None = None, strict_lru: bool = False) -> Lockstep:
     """Lanes for ``implementations`` (names or ``module:attr``) sharing one configuration."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise UsageError(f"block_size must be a positive int, got {block_size!r}")
@@ -37,9 +37,9 @@ def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pag
         from bcr_verify.kv_replay import KVReplay
         observers.append(KVReplay(block_size, model=_replay_model()))
     origin = {"implementations": list(implementations), "block_size": block_size,
-              "capacity_pages": capacity_pages, "kv_replay": kv_replay}
+              "capacity_pages": capacity_pages, "kv_replay": kv_replay, "strict_lru": strict_lru}
     return Lockstep(adapters, check_every=check_every, observers=observers,
-                    op_timeout=op_timeout, origin=origin, budget=budget)
+                    op_timeout=op_timeout, origin=origin, budget=budget, strict_lru=strict_lru)
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,8 +98,13 @@ class Totals:
             for key, value in stats.items():
                 if isinstance(value, (int, float)) and key != "hit_rate":
                     mine[key] = mine.get(key, 0) + value
-                elif isinstance(value, dict) and key == "ops":
-                    mine.setdefault("ops", Counter()).update(value)
+                elif isinstance(value, dict) and key in ("ops", "lru_deviations"):
+                    mine.setdefault(key, Counter()).update(value)
+                elif key == "lru_witnesses":  # keep the shortest witness of each
+                    kept = mine.setdefault(key, {})
+                    for name, steps in value.items():
+                        if name not in kept or len(steps) < len(kept[name]):
+                            kept[name] = steps
         for key, value in report.items():  # observers' sections: counts add, maxima max
             mine = self.extra.setdefault(key, {})
             for k, v in value.items():
@@ -128,6 +133,7 @@ class Totals:
         for name, stats in self.per_impl.items():
             stats = dict(stats)
             stats["ops"] = dict(stats.get("ops", {}))
+            stats["lru_deviations"] = dict(stats.get("lru_deviations", {}))
             lookups = stats.get("lookup_tokens", 0)
             stats["hit_rate"] = round(stats.get("hit_tokens", 0) / lookups, 4) if lookups else 0.0
             impls[name] = stats

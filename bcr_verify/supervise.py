@@ -81,6 +81,7 @@ class Death:
                      block_size=self.origin["block_size"],
                      capacity_pages=self.origin["capacity_pages"],
                      kv_replay=self.origin.get("kv_replay", False), steps=list(self.steps),
+                     strict_lru=self.origin.get("strict_lru", False),
                      failure=self.failure(), meta={"source": "journal", **(meta or {})})
 
 

@@ -40,13 +40,16 @@ class Trace:
     failure: dict | None = None
     kv_replay: bool = False
     meta: dict = field(default_factory=dict)
+    strict_lru: bool = False
+    """Recorded with ``--strict-lru``: replays judge eviction by strict LRU too."""
     versions: dict = field(default_factory=dict)
     """Implementation -> ``package==version`` it was recorded on (filled in when saved)."""
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "implementations": self.implementations,
                 "block_size": self.block_size, "capacity_pages": self.capacity_pages,
-                "kv_replay": self.kv_replay, "versions": self.versions,
+                "kv_replay": self.kv_replay, "strict_lru": self.strict_lru,
+                "versions": self.versions,
                 "failure": self.failure, "meta": self.meta, "steps": self.steps}
 
     @classmethod
@@ -59,6 +62,7 @@ class Trace:
                         capacity_pages=int(data["capacity_pages"]),
                         steps=list(data["steps"]), failure=data.get("failure"),
                         kv_replay=bool(data.get("kv_replay", False)),
+                        strict_lru=bool(data.get("strict_lru", False)),
                         meta=dict(data.get("meta") or {}),
                         versions=dict(data.get("versions") or {}))
         except (KeyError, TypeError, ValueError) as exc:
@@ -87,8 +91,9 @@ class Trace:
             raise UsageError(f"trace {path}: not JSON ({exc})") from None
         return cls.from_json(data, source=f"trace {path}")
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write into ``directory`` under a name derived from the content; returns the path."""
+    def save(self, directory: str | os.PathLike, label: str | None = None) -> Path:
+        """Write into ``directory`` under a name derived from ``label`` (default: the failed
+        check) and the content; returns the path."""
         from bcr_verify.adapters.registry import resolve
 
         directory = Path(directory)
@@ -101,7 +106,8 @@ class Trace:
                     self.versions[name] = f"unknown ({type(exc).__name__})"
         text = json.dumps(self.to_json(), indent=1)
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-        check = re.sub(r"[^A-Za-z0-9._+=]+", "-", (self.failure or {}).get("check", "trace"))
+        check = re.sub(r"[^A-Za-z0-9._+=]+", "-",
+                       label or (self.failure or {}).get("check", "trace"))
         check = check.strip("-")[:40] or "trace"
         path = directory / f"{check}-{digest}.json"
         if path.exists():
@@ -154,7 +160,8 @@ def replay(trace: Trace, implementations: Sequence[str] | None = None,
     lockstep = build_lockstep(
         list(implementations or trace.implementations), trace.block_size, trace.capacity_pages,
         kv_replay=trace.kv_replay if kv_replay is None else kv_replay,
-        op_timeout=DEFAULT_OP_TIMEOUT if op_timeout is None else op_timeout)
+        op_timeout=DEFAULT_OP_TIMEOUT if op_timeout is None else op_timeout,
+        strict_lru=trace.strict_lru)
     for index, step in enumerate(trace.steps):
         try:
             lockstep.apply(step)

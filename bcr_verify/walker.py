@@ -53,7 +53,7 @@ def walk_radix_cache(impl: str, cache, free_pages: set[int], api) -> None:
                 fail("lock hierarchy", f"node {child.id} lock_ref {child.lock_ref} > parent "
                      f"{node.id} lock_ref {node.lock_ref}")
             storage = child.value.untyped_storage().data_ptr()
-            if api.t.split_copies and storage in storages:
+            if storage in storages:
                 fail("value owns storage", f"nodes {storages[storage]} and {child.id} share one "
                      "value storage (a view, not a copy)")
             storages[storage] = child.id

@@ -98,3 +98,18 @@ def test_run_reports_the_tree_shape_it_reached(tmp_path):
     shape = json.loads((tmp_path / "r.json").read_text())["tree_shape"]
     assert shape["reference"]["depth_blocks"] > 1 and shape["sglang-radix"]["depth_nodes"] >= 1
     assert "deepest tree:" in out.stdout
+
+
+def test_lru_relaxations_are_counted_with_witnesses_and_strict_lru_refuses_them(tmp_path):
+    out = cli("run", "--impl", "reference", "--impl", "sglang-radix", "--max-steps", "600",
+              "--quiet", "--trace-dir", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    relaxations = json.loads((tmp_path / "r.json").read_text())["lru_relaxations"]
+    assert "whole-node over-eviction" in relaxations and "deviation from strict LRU" in out.stdout
+    witness = relaxations["whole-node over-eviction"]["trace"]
+    assert "reference" not in relaxations["whole-node over-eviction"]["count"]
+    again = cli("replay", witness)
+    assert again.returncode == 1 and "[strict LRU]" in again.stdout
+    strict = cli("run", "--impl", "reference", "--impl", "sglang-radix", "--max-steps", "600",
+                 "--quiet", "--strict-lru", "--trace-dir", str(tmp_path / "strict"))
+    assert strict.returncode == 1 and "strict LRU" in strict.stdout

@@ -16,6 +16,9 @@ from bcr_verify.releases import ensure, known_releases, select
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES_FROM = (0, 4, 4, 0)
+SPLIT_VIEWS_FIXED = (0, 5, 8, 0)
+"""sgl-project/sglang#17191: before 0.5.8 a split leaves both halves viewing one storage."""
+REGRESSION = ROOT / "corpus" / "traces" / "releases" / "sglang-split-views-fixed-in-0.5.8.json"
 
 
 def test_release_specs():
@@ -61,22 +64,36 @@ def test_each_release_is_driven_on_its_own_generation(release, tmp_path):
     assert row["notes"]["release"] == name
     assert row["notes"]["generation"] == generation(name)
     sizes = [1, 4] if release_tuple(name) >= PAGES_FROM else [1]
+    split_views = release_tuple(name) < SPLIT_VIEWS_FIXED
+    known = ["--known", "value owns storage"] if split_views else []
     for size in sizes:
         report = tmp_path / f"bs{size}.json"
         out = bcr_verify_in(python, "run", "--impl", "reference", "--impl", "sglang-radix",
                             "--block-size", str(size), "--max-steps", "300", "--quiet",
-                            "--json", str(report), "--trace-dir", str(tmp_path))
+                            "--json", str(report), "--trace-dir", str(tmp_path), *known)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
         data = json.loads(report.read_text())
         radix = data["implementations"]["sglang-radix"]
         assert data["verdict"] == "pass" and radix["hits"] > 0 and radix["evictions"] > 0
         assert radix["notes"]["release"] == name
+        assert bool(data["known"]) == split_views  # the known bug is there, and only there
+
+
+def test_split_views_regression_trace_fails_before_0_5_8_and_passes_after():
+    for name, python in ((r, ensure(r)) for r in known_releases()):
+        from bcr_verify.adapters.sglang_api import release_tuple
+        out = bcr_verify_in(python, "replay", str(REGRESSION))
+        if release_tuple(name) < SPLIT_VIEWS_FIXED:
+            assert out.returncode == 1 and "[value owns storage]" in out.stdout, (name, out.stdout)
+        else:
+            assert out.returncode == 0 and "replayed cleanly" in out.stdout, (name, out.stdout)
 
 
 def test_matrix_table_json_and_plot(tmp_path):
     releases = ",".join(known_releases()[:2])
     out = subprocess.run([sys.executable, "-m", "bcr_verify.cli", "matrix", "--releases",
-                          releases, "--block-size", "1", "--max-steps", "100", "--json",
+                          releases, "--block-size", "1", "--max-steps", "100",
+                          "--known", "value owns storage", "--json",
                           str(tmp_path / "m.json"), "--plot", str(tmp_path / "m.png"),
                           "--trace-dir", str(tmp_path)], capture_output=True, text=True,
                          cwd=ROOT, timeout=1800)
@@ -84,5 +101,6 @@ def test_matrix_table_json_and_plot(tmp_path):
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
     assert [r["release"] for r in rows] == releases.split(",")
     assert all(r["verdict"] == "pass" and r["generation"] for r in rows)
+    assert all(r["known"]["value owns storage"]["count"] > 0 for r in rows)  # both < 0.5.8
     assert "| release | generation |" in out.stdout
     assert (tmp_path / "m.png").stat().st_size > 1000

@@ -29,7 +29,7 @@ def test_installed_release_translations():
     assert t.release == "0.5.23" and t.generation.startswith("K")
     assert (t.cache_ctor, t.key, t.match_call, t.insert_call, t.evict_call, t.child_key) == (
         "params", "radixkey-array", "params", "params", "params", "key.child_key")
-    assert t.evictable_leaves and t.pages and t.insert_copies and t.split_copies
+    assert t.evictable_leaves and t.pages and t.insert_copies
     assert t.stand_ins == [] and t.not_checked() == []
 
 

@@ -34,10 +34,11 @@ class Implementation:
     package: str
     """The distribution (or top-level module) whose version is the implementation's."""
 
-    def availability(self) -> str | None:
-        """None when the implementation can be built here, otherwise the reason it cannot."""
+    def availability(self, block_size: int = 1) -> str | None:
+        """None when the implementation can be built here (at ``block_size``), otherwise the
+        reason it cannot."""
         try:
-            self.build(1, 8)
+            self.build(block_size, 8)
         except AdapterUnavailable as exc:
             return str(exc)
         return None

@@ -81,8 +81,6 @@ class Translations:
     insert_copies: bool
     """The cache copies the value it is given (0.5.8+). Before, the scheduler hands insert a
     copy of its row (``cache_finished_req`` clones), so the row is not the cache's to see."""
-    split_copies: bool
-    """A split gives each half its own storage (0.5.8+); before, both halves view one."""
     stand_ins: list = field(default_factory=list)
     """Modules replaced by inert CPU stand-ins so the cache module could import."""
 
@@ -93,9 +91,6 @@ class Translations:
             missing.append("evictable leaves (no evictable_leaves set before 0.5.9)")
         if not self.pages:
             missing.append("page alignment (no page_size before 0.4.4)")
-        if not self.split_copies:
-            missing.append("value owns storage (split halves share one storage by design "
-                           "before 0.5.8)")
         return missing
 
 
@@ -155,7 +150,6 @@ class Sglang:
                 self._token_allocator_class(), "free_segment") else "free",
             evictable_leaves=False, pages="page_size" in ctor or "params" in ctor,
             insert_copies=_source_has(self.RadixCache, "_insert_helper", ".clone()"),
-            split_copies=_source_has(self.RadixCache, "_split_node", ".clone()"),
             stand_ins=used)
         # A clock that ticks once per read: LRU order, and so every replay, is reproducible.
         ticks = itertools.count(1)

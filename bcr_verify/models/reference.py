@@ -34,6 +34,17 @@ class Block:
     maybe_used: int = 0
 
 
+RELAXATIONS = {
+    "whole-node over-eviction": "freed more blocks than asked for, because a radix node "
+                                "(several blocks) goes as a whole",
+    "split refresh": "evicted a block used later than a kept leaf, which is legal only because "
+                     "a radix node refreshes its whole key before a match splits it, so the "
+                     "kept leaf (the unmatched rest) counts as used then too",
+}
+"""Departures from strict block-level LRU that :meth:`ReferenceCache.apply_lru_eviction`
+accepts, by name."""
+
+
 class ReferenceCache:
     """A pure-Python prefix cache with BCR-memory-2's API. See the module docstring."""
 
@@ -198,14 +209,17 @@ class ReferenceCache:
             self._remove([self._by_value[value]])
         return victims
 
-    def apply_lru_eviction(self, freed: Sequence[Hashable], num_tokens: int) -> None:
+    def apply_lru_eviction(self, freed: Sequence[Hashable], num_tokens: int) -> list[str]:
         """Accept an LRU cache's own eviction choice if it is legal, then apply it.
 
         Legal means: only cached, unpinned blocks, whole subtrees (a block never outlives its
         parent), at least ``num_tokens`` freed unless everything evictable went, and LRU order:
         no freed block was used later than a leaf that could have been evicted instead and
-        stayed. Over-eviction by whole radix nodes is allowed. Raises ``ValueError`` with what
-        was wrong, and then changes nothing.
+        stayed. Raises ``ValueError`` with what was wrong, and then changes nothing.
+
+        Two relaxations of strict block-level LRU are accepted, because radix trees make them
+        by design; each one this choice needed is returned by name (:data:`RELAXATIONS`), so
+        a caller can count them, or refuse them (``--strict-lru``).
         """
         self._check_count(num_tokens, "num_tokens")
         freed = list(freed)
@@ -232,6 +246,7 @@ class ReferenceCache:
             b for b in self._by_value.values()
             if not b.children and not b.refs and id(b) not in gone
         ]
+        relaxed = []
         if blocks and kept_leaves:
             newest = max(blocks, key=lambda b: b.used)
             oldest = min(kept_leaves, key=lambda b: b.maybe_used)
@@ -240,7 +255,13 @@ class ReferenceCache:
                     f"not LRU: evicted {newest.value!r} (last used at t={newest.used}) but kept "
                     f"leaf {oldest.value!r} (last used at t={oldest.maybe_used})"
                 )
+            if newest.used > min(b.used for b in kept_leaves):
+                relaxed.append("split refresh")
+        needed = -(-min(num_tokens, self.evictable_tokens) // self.block_size)
+        if len(blocks) > needed:
+            relaxed.append("whole-node over-eviction")
         self._remove(blocks)
+        return relaxed
 
     # ----------------------------------------------------------------- self-check
 
