@@ -200,6 +200,15 @@ def print_report(report: dict) -> None:
               f"{s.get('duplicates_freed', 0):>10}")
     if "kv_replay" in report:
         print(f"kv replay: {report['kv_replay']}")
+    for name, stats in report["implementations"].items():
+        notes = stats.get("notes") or {}
+        if notes.get("release"):
+            print(f"{name}: sglang {notes['release']}, API generation {notes['generation']}")
+        for standin in notes.get("stand_ins", []):
+            print(f"{name}: stand-in used for {standin['package']} ({len(standin['names'])} "
+                  "names read at import; listed in the JSON)")
+        for invariant in notes.get("not_checked", []):
+            print(f"{name}: not checked: {invariant}")
     from bcr_verify.soak import shape_line
     print(shape_line(report.get("tree_shape", {})))
     for name, r in report.get("lru_relaxations", {}).items():

@@ -54,7 +54,7 @@ def campaign_row(release: str, block_size: int, options, workdir: Path, progress
     row["exit"] = code
     if code == 2:
         why = next((l for l in output.splitlines() if "error:" in l), output.strip()[-300:])
-        return {**row, "verdict": "not applicable", "why": why}
+        return {**row, "verdict": "unavailable", "why": why}
     if code is None or not report.is_file():
         return {**row, "verdict": "harness error", "why": output.strip()[-500:]}
     data = json.loads(report.read_text())
@@ -107,7 +107,7 @@ def plot(rows: list[dict], path: str) -> None:
 
     releases = list(dict.fromkeys(r["release"] for r in rows))
     sizes = sorted({r["block_size"] for r in rows if "block_size" in r})
-    colours = {"pass": "#4caf50", "fail": "#e53935", "not applicable": "#bdbdbd",
+    colours = {"pass": "#4caf50", "fail": "#e53935", "unavailable": "#bdbdbd",
                "not set up": "#9e9e9e", "harness error": "#000000", "interrupted": "#ff9800"}
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(releases), 1.2 + 0.6 * len(sizes)))
     for r in rows:

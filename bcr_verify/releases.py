@@ -11,6 +11,7 @@ failed and where the log is, so a release that cannot be set up is a row, not a 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -77,8 +78,16 @@ def venv_python(release: str) -> Path:
 
 
 def ensure(release: str, progress=None) -> Path:
-    """The python of ``release``'s venv, built first if missing or stale."""
+    """The python of ``release``'s venv, built first if missing or stale (one builder at a
+    time: a second process waits for the first, then finds the venv built)."""
     base = root()
+    (base / VENVS).mkdir(exist_ok=True)
+    with open(base / VENVS / f".sglang-{release}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure(base, release, progress)
+
+
+def _ensure(base: Path, release: str, progress) -> Path:
     if _own_venv_has(base, release):
         return base / ".venv" / "bin" / "python"
     recipe = base / RECIPES / f"sglang-{release}.txt"

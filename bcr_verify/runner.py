@@ -206,7 +206,11 @@ def run(config: RunConfig, progress=None) -> RunResult:
              for check, found in machine.known_found.items()}
     totals = TOTALS.as_dict()
     totals.update(steps=budget.searched, shrink_steps=budget.shrink_steps)
-    totals["lru_relaxations"] = save_witnesses(totals, impls, config)
+    from bcr_verify.session import prompt_source
+    totals["lru_relaxations"] = save_witnesses(
+        totals, impls, config.block_size,
+        prompt_source(config.workload, config.block_size).capacity_pages, config.trace_dir,
+        config.workload)
     result = RunResult(config, impls, not_run, totals, time.monotonic() - start, failure,
                        trace_path, interrupted=interrupted, notes=notes,
                        provenance=provenance(impls, max_steps=config.max_steps,
@@ -222,7 +226,8 @@ def run(config: RunConfig, progress=None) -> RunResult:
     return result
 
 
-def save_witnesses(totals: dict, impls: list[str], config) -> dict:
+def save_witnesses(totals: dict, impls: list[str], block_size: int, capacity_pages: int,
+                   trace_dir: str, workload: str) -> dict:
     """Save each relaxation's shortest witness as a strict-LRU trace; the report's section.
 
     Returns ``{relaxation: {"meaning", "count": {impl: n}, "trace"}}``, and leaves only the
@@ -239,18 +244,12 @@ def save_witnesses(totals: dict, impls: list[str], config) -> dict:
             entry["count"][name] = count
             steps = witnesses.get(relaxation)
             if steps and (entry["trace"] is None or len(steps) < entry["steps"]):
-                trace = Trace(implementations=list(impls), block_size=config.block_size,
-                              capacity_pages=config_capacity(config), steps=steps,
-                              strict_lru=True, meta={"witness_of": relaxation,
-                                                     "workload": config.workload})
-                path = trace.save(config.trace_dir, label=f"lru-witness-{relaxation}")
+                trace = Trace(implementations=list(impls), block_size=block_size,
+                              capacity_pages=capacity_pages, steps=steps, strict_lru=True,
+                              meta={"witness_of": relaxation, "workload": workload})
+                path = trace.save(trace_dir, label=f"lru-witness-{relaxation}")
                 entry["trace"], entry["steps"] = str(path), len(steps)
     return out
-
-
-def config_capacity(config) -> int:
-    from bcr_verify.session import prompt_source
-    return prompt_source(config.workload, config.block_size).capacity_pages
 
 
 def write_json(report: dict, path: str) -> None:

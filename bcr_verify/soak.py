@@ -313,6 +313,7 @@ class SoakConfig:
     trace_dir: str = "corpus/traces"
     shrink_seconds: float = 120.0
     op_timeout: float | None = DEFAULT_OP_TIMEOUT
+    strict_lru: bool = False
     shape: str = "mixed"
     """``mixed``: the workload's prompts, flushes and evictions as the machine draws them;
     ``deep``: long chains and fan-outs (:class:`DeepDrawer`), never flushed."""
@@ -358,7 +359,8 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         else source.capacity_pages
     budget = StepBudget(config.max_ops)
     lockstep = build_lockstep(impls, config.block_size, capacity, check_every=config.check_every,
-                              op_timeout=config.op_timeout, budget=budget)
+                              op_timeout=config.op_timeout, budget=budget,
+                              strict_lru=config.strict_lru)
     timer = CallTimer()
     for lane in lockstep.lanes:
         timer.wrap(lane.adapter, TIMED, lambda m: "op")
@@ -476,6 +478,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
 
         unshrunk = Trace(implementations=list(impls), block_size=config.block_size,
                          capacity_pages=capacity, steps=window, failure=failure.as_dict(),
+                         strict_lru=config.strict_lru,
                          meta={"workload": config.workload, "source": "soak",
                                "seed": config.seed, "global_step": lockstep.forgotten + (failure.step or 0)})
         if isinstance(failure, FatalFinding):  # each attempt would hang again: keep it whole
@@ -506,6 +509,9 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
             "raw_ops_per_second_alone": round(total_ops / op_s, 1) if op_s else None,
             **lane.stats.as_dict(),
         }
+    from bcr_verify.runner import save_witnesses
+    relaxations = save_witnesses({"implementations": per_impl}, impls, config.block_size,
+                                 capacity, config.trace_dir, config.workload)
     growth = growth_verdict(samples, capacity) if not deep else {
         "verdict": "not judged: the deep shape grows its trees by design", "series": {}}
     if failure is not None:
@@ -528,6 +534,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         "implementation_operations": total_ops * lanes,
         "ops_per_second": round(total_ops / elapsed, 1) if elapsed else 0.0,
         "shape": config.shape, "tree_shape": _widest_shape(samples),
+        "lru_relaxations": relaxations,
         "rules": dict(rules), "flushes": flushes, "invariant_checks": lockstep.checks,
         "rejected_requests": lockstep.rejected,
         "overhead": {
@@ -635,6 +642,10 @@ def summary(report: dict) -> str:
         f"(implementation self-checks {o['implementation_self_check_seconds']} s)",
     ]
     lines.append(shape_line(report.get("tree_shape", {})))
+    for name, r in report.get("lru_relaxations", {}).items():
+        counts = ", ".join(f"{impl} {n:,}" for impl, n in r["count"].items())
+        lines.append(f"deviation from strict LRU, accepted: {name} ({counts}); witness: "
+                     f"{r['trace']}")
     for name, d in report["implementations_detail"].items():
         lines.append(f"  {name:<22} raw ops {d['raw_op_seconds']:>8} s, checks "
                      f"{d['check_seconds']:>8} s, hit rate {d['hit_rate']:.3f}, "
@@ -675,7 +686,8 @@ def cmd_soak(args) -> int:
         seed=args.seed, minutes=None if args.ops and not args.minutes else args.minutes or (
             DEEP_DEFAULT_MINUTES if args.shape == "deep" else 1.0),
         max_ops=args.ops, check_every=args.check_every, sample_seconds=args.sample_seconds,
-        trace_dir=args.trace_dir, op_timeout=args.op_timeout, shape=args.shape)
+        trace_dir=args.trace_dir, op_timeout=args.op_timeout, shape=args.shape,
+        strict_lru=args.strict_lru)
     show = None if args.quiet else progress_printer()
     result = soak(config, progress=show)
     if show:
@@ -719,6 +731,8 @@ def register(subparsers) -> None:
                         "every flush and at the end; results are compared on every step")
     p.add_argument("--sample-seconds", type=_positive_float("--sample-seconds"),
                    help="sample RSS and sizes this often (default: ~240 samples per run)")
+    p.add_argument("--strict-lru", action="store_true",
+                   help="an eviction legal only under a relaxation of strict LRU is a failure")
     p.add_argument("--shape", choices=("mixed", "deep"), default="mixed",
                    help="mixed: the workload's prompts with flushes (default); deep: long "
                         "chains (past 1,000 radix nodes) and fan-outs, never flushed")

@@ -91,8 +91,9 @@ class SingleWriter:
 
 
 def _machine_class(implementations, block_size, workload, kv_replay, capacity_pages=None,
-                   op_timeout=None):
-    attrs = dict(implementations=implementations, block_size=block_size, kv_replay=kv_replay)
+                   op_timeout=None, known=()):
+    attrs = dict(implementations=implementations, block_size=block_size, kv_replay=kv_replay,
+                 known=tuple(known))
     if op_timeout:
         attrs["op_timeout"] = op_timeout
     if workload:
@@ -120,7 +121,7 @@ def _machine_class(implementations, block_size, workload, kv_replay, capacity_pa
 def run_lockstep(implementations: list[str], block_size: int, *, workload: str | None = None,
                  kv_replay: bool = False, corpus=None, soak_budget_s: float | None = None,
                  seed=None, capacity_pages: int | None = None, label: str = "",
-                 op_timeout: float | None = None) -> dict:
+                 op_timeout: float | None = None, known=()) -> dict:
     """Run the lockstep machine under the current Hypothesis profile; save a failure's trace.
 
     With ``soak_budget_s``, Hypothesis runs repeat in rounds (each with its own seed, at most
@@ -133,7 +134,7 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
     from hypothesis.stateful import get_state_machine_test
 
     machine = _machine_class(implementations, block_size, workload, kv_replay, capacity_pages,
-                             op_timeout)
+                             op_timeout, known)
     start = time.monotonic()
     profile_max = Settings().max_examples
     rounds = 0
@@ -171,8 +172,12 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
                   f"bcr-verify: seed {seed} (rerun the search with --hypothesis-seed={seed})\n"
                   f"reproduce with: bcr-verify replay {path}")
         raise
+    found = {}
+    for check, hit in machine.known_found.items():
+        path = hit["witness"].save(corpus) if corpus is not None else None
+        found[check] = {"count": hit["count"], "trace": str(path) if path else None}
     return {"rounds": rounds, "examples": machine.examples,
-            "seconds": round(time.monotonic() - start, 1)}
+            "seconds": round(time.monotonic() - start, 1), "known": found}
 
 
 def lockstep_seed(given) -> int:
@@ -283,11 +288,15 @@ class PrefixCacheConformance:
         impls = list(dict.fromkeys(impls))
         budget = opts.soak_budget_s
         seed = lockstep_seed(opts.seed)
+        known = [*opts.known, *(c for m in request.node.iter_markers("bcr_known") for c in m.args)]
         result = run_lockstep(
             impls, bcr_block_size, workload=opts.workload or self.workload,
             kv_replay=bool(opts.kv_replay), corpus=opts.corpus, soak_budget_s=budget,
             seed=seed, capacity_pages=self.capacity_pages, label=request.node.nodeid,
-            op_timeout=opts.op_timeout)
+            op_timeout=opts.op_timeout, known=known)
+        for check, found in result["known"].items():
+            opts.soak_reports.append(f"{request.node.nodeid}: known failure {check!r} hit "
+                                     f"{found['count']} times; witness {found['trace']}")
         if budget is not None:
             opts.soak_reports.append(
                 f"{request.node.nodeid}: {result['rounds']} rounds, {result['examples']} "

@@ -174,3 +174,20 @@ def test_a_hanging_implementation_is_a_hang_finding(project):
     assert out.returncode == 1, out.stdout[-3000:]
     assert "implementation hung" in out.stdout and "within 1 s" in out.stdout
     assert list((project / "found").glob("timeout-*.json"))
+
+
+def test_known_marker_counts_the_known_bug_and_passes(project):
+    (project / "test_known.py").write_text(textwrap.dedent("""
+        import pytest
+        from bcr_verify.testing import PrefixCacheConformance
+        import mycache
+
+        @pytest.mark.bcr_known("match")
+        class TestKnown(PrefixCacheConformance):
+            make_cache = staticmethod(mycache.make_buggy)
+    """))
+    out = pytest_run(project, "--hypothesis-profile", "dev", "-k", "TestKnown and lockstep",
+                     "-rA")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "known failure 'match' hit" in out.stdout
+    assert list((project / "found").glob("match-*.json"))

@@ -5,7 +5,7 @@ scheduler drives them.
   :mod:`bcr_verify.walker` walks it after every mutation. Its clock (``time.time`` or
   ``time.monotonic``) is replaced by a counter so that LRU order, and so every replay, is
   reproducible. How each release spells each call is in :mod:`bcr_verify.adapters.sglang_api`.
-- ``unified-py`` / ``unified-rust``: :class:`UnifiedRadixCache` (0.5.22+) with the Python or
+- ``unified-py`` / ``unified-rust``: :class:`UnifiedRadixCache` (0.5.19+) with the Python or
   the Rust tree core, checked by its own ``sanity_check()``.
 
 Each adapter owns the release's real allocator on the CPU without a KV buffer, and records
@@ -16,6 +16,8 @@ so a cache that kept a view of the caller's tensor is caught by the next lookup.
 
 from __future__ import annotations
 
+import inspect
+import os
 from typing import Sequence
 
 from bcr_verify.adapters.base import CacheAdapter, Contract, Inserted, Match, Sizes
@@ -23,8 +25,9 @@ from bcr_verify.adapters.sglang_api import load
 from bcr_verify.errors import AdapterUnavailable, InvariantViolation
 
 KINDS = ("radix", "unified-py", "unified-rust")
-UNIFIED_FROM = "0.5.22"
-"""UnifiedRadixCache exists from 0.5.18; its 0.5.22+ API is the one driven here."""
+UNIFIED_FROM = "0.5.19"
+"""UnifiedRadixCache exists from 0.5.18, whose only tree core is Python; 0.5.19 adds Rust."""
+BACKEND_VARIABLE = "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"
 
 
 class RecordingAllocator:
@@ -112,17 +115,28 @@ class SGLangAdapter(CacheAdapter):
         if release_tuple(api.t.release) < release_tuple(UNIFIED_FROM):
             raise AdapterUnavailable(
                 f"UnifiedRadixCache is driven from sglang {UNIFIED_FROM} on; this is "
-                f"{api.t.release}" + (" (it has an earlier API there)"
+                f"{api.t.release}" + (" (0.5.18's first version is not driven)"
                                       if release_tuple(api.t.release) >= (0, 5, 18, 0) else
                                       " (it came in 0.5.18)"))
         from sglang.srt.mem_cache.unified_cache.components import ComponentType
         from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
         backend = "python" if self.kind == "unified-py" else "rust"
-        cache = UnifiedRadixCache(api.CacheInitParams(
-            disable=False, req_to_token_pool=None, page_size=self.page_size,
-            token_to_kv_pool_allocator=self.allocator.real,
-            tree_components=(ComponentType.FULL,), tree_core_backend=backend))
+        params = dict(disable=False, req_to_token_pool=None, page_size=self.page_size,
+                      token_to_kv_pool_allocator=self.allocator.real,
+                      tree_components=(ComponentType.FULL,))
+        if "tree_core_backend" in inspect.signature(api.CacheInitParams).parameters:
+            cache = UnifiedRadixCache(api.CacheInitParams(**params, tree_core_backend=backend))
+        else:  # 0.5.19-0.5.21 choose the core from the environment
+            previous = os.environ.get(BACKEND_VARIABLE)
+            os.environ[BACKEND_VARIABLE] = backend
+            try:
+                cache = UnifiedRadixCache(api.CacheInitParams(**params))
+            finally:
+                if previous is None:
+                    os.environ.pop(BACKEND_VARIABLE)
+                else:
+                    os.environ[BACKEND_VARIABLE] = previous
         core = type(cache.tree_core).__name__
         if backend == "rust" and core != "RustUnifiedTreeCore":
             raise AdapterUnavailable(

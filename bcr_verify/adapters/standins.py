@@ -63,6 +63,7 @@ class StandIn(types.ModuleType):
     def __init__(self, name: str, names: list[str]):
         super().__init__(name)
         self.__path__ = []  # a package: its submodules stand in too
+        self.__version__ = "0.0.0"  # older than anything a feature check asks for
         self._names = names
 
     def __getattr__(self, name):
@@ -133,6 +134,9 @@ def _missing_cpu_probe(exc: AttributeError) -> str | None:
 
 def _forget_failed(module: str) -> None:
     """Drop what the failed attempt left half-imported, so the retry starts clean."""
-    for name in [n for n in sys.modules if n == module or n.startswith("sglang.")]:
-        if sys.modules[name] is None or not getattr(sys.modules[name], "__spec__", None):
+    top = module.split(".")[0]
+    orphaned = top not in sys.modules  # the package itself failed: its children go too
+    for name in [n for n in sys.modules if n == module or n.startswith(top + ".")]:
+        if orphaned or sys.modules[name] is None or not getattr(sys.modules[name], "__spec__",
+                                                                  None):
             del sys.modules[name]
