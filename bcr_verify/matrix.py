@@ -113,8 +113,9 @@ def plot(rows: list[dict], path: str) -> None:
     for r in rows:
         x, y = releases.index(r["release"]), sizes.index(r["block_size"])
         ax.add_patch(plt.Rectangle((x, y), 0.95, 0.9, color=colours.get(r["verdict"], "#607d8b")))
-        ax.text(x + 0.47, y + 0.45, (r.get("check") or r["verdict"])[:14], ha="center",
-                va="center", fontsize=6, color="white" if r["verdict"] == "fail" else "black")
+        label = (r.get("check") or r["verdict"]).replace(" ", "\n", 1)
+        ax.text(x + 0.47, y + 0.45, label, ha="center", va="center", fontsize=6,
+                color="white" if r["verdict"] == "fail" else "black")
     ax.set_xlim(0, len(releases))
     ax.set_ylim(0, len(sizes))
     ax.set_xticks([i + 0.47 for i in range(len(releases))], releases, rotation=45, fontsize=7)

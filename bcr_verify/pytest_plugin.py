@@ -158,22 +158,8 @@ def _options(config) -> BcrOptions:
     if not corpus.is_absolute():
         corpus = (Path(config.rootpath) / corpus if not get("bcr_corpus")
                   else Path(config.invocation_params.dir) / corpus)
-    minutes = get("bcr_soak_minutes")
-    if minutes is None and config.getini("bcr_soak_minutes"):
-        try:
-            minutes = float(config.getini("bcr_soak_minutes"))
-        except ValueError:
-            raise pytest.UsageError("ini bcr_soak_minutes must be a number") from None
-    if minutes is not None and minutes <= 0:
-        raise pytest.UsageError(f"--bcr-soak-minutes must be > 0, got {minutes}")
-    timeout = get("bcr_op_timeout")
-    if timeout is None and config.getini("bcr_op_timeout"):
-        try:
-            timeout = float(config.getini("bcr_op_timeout"))
-        except ValueError:
-            raise pytest.UsageError("ini bcr_op_timeout must be a number") from None
-    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise pytest.UsageError(f"--bcr-op-timeout must be a finite number > 0, got {timeout}")
+    minutes = _positive_number(config, "bcr_soak_minutes", "--bcr-soak-minutes")
+    timeout = _positive_number(config, "bcr_op_timeout", "--bcr-op-timeout")
     kv = get("bcr_kv_replay")
     return BcrOptions(
         implementations=list(get("bcr_impls") or config.getini("bcr_impls")),
@@ -184,6 +170,19 @@ def _options(config) -> BcrOptions:
         known=list(get("bcr_known") or config.getini("bcr_known")),
         profile=get("hypothesis_profile", None) or "default",
         seed=get("hypothesis_seed", None))
+
+
+def _positive_number(config, name: str, option: str) -> float | None:
+    """The option ``name`` (or its ini key of the same name): None, or a finite number > 0."""
+    value = config.getoption(name)
+    if value is None and config.getini(name):
+        try:
+            value = float(config.getini(name))
+        except ValueError:
+            raise pytest.UsageError(f"ini {name} must be a number") from None
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise pytest.UsageError(f"{option} must be a finite number > 0, got {value}")
+    return value
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -16,6 +16,7 @@ from bcr_verify.releases import ensure, known_releases, select
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES_FROM = (0, 4, 4, 0)
+UNIFIED_FROM = (0, 5, 18, 0)
 SPLIT_VIEWS_FIXED = (0, 5, 8, 0)
 """sgl-project/sglang#17191: before 0.5.8 a split leaves both halves viewing one storage."""
 REGRESSION = ROOT / "corpus" / "traces" / "releases" / "sglang-split-views-fixed-in-0.5.8.json"
@@ -59,17 +60,23 @@ def test_each_release_is_driven_on_its_own_generation(release, tmp_path):
     name, python = release
     out = bcr_verify_in(python, "impls", "--json")
     assert out.returncode == 0, out.stderr
-    row = next(r for r in json.loads(out.stdout) if r["name"] == "sglang-radix")
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    row = rows["sglang-radix"]
     assert row["available"], row["reason"]
     assert row["notes"]["release"] == name
     assert row["notes"]["generation"] == generation(name)
+    # the unified cache where the release has it: Python core from 0.5.18, Rust from 0.5.19
+    assert rows["sglang-unified-py"]["available"] == (release_tuple(name) >= UNIFIED_FROM)
+    assert rows["sglang-unified-rust"]["available"] == (release_tuple(name) >= (0, 5, 19, 0))
+    impls = ["--impl", "reference", "--impl", "sglang-radix"] + (
+        ["--impl", "sglang-unified-py"] if release_tuple(name) >= UNIFIED_FROM else [])
     sizes = [1, 4] if release_tuple(name) >= PAGES_FROM else [1]
     split_views = release_tuple(name) < SPLIT_VIEWS_FIXED
     known = ["--known", "value owns storage"] if split_views else []
     for size in sizes:
         report = tmp_path / f"bs{size}.json"
-        out = bcr_verify_in(python, "run", "--impl", "reference", "--impl", "sglang-radix",
-                            "--block-size", str(size), "--max-steps", "300", "--quiet",
+        out = bcr_verify_in(python, "run", *impls,
+                            "--block-size", str(size), "--max-steps", "600", "--quiet",
                             "--json", str(report), "--trace-dir", str(tmp_path), *known)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
         data = json.loads(report.read_text())

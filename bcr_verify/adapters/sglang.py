@@ -5,8 +5,8 @@ scheduler drives them.
   :mod:`bcr_verify.walker` walks it after every mutation. Its clock (``time.time`` or
   ``time.monotonic``) is replaced by a counter so that LRU order, and so every replay, is
   reproducible. How each release spells each call is in :mod:`bcr_verify.adapters.sglang_api`.
-- ``unified-py`` / ``unified-rust``: :class:`UnifiedRadixCache` (0.5.19+) with the Python or
-  the Rust tree core, checked by its own ``sanity_check()``.
+- ``unified-py`` / ``unified-rust``: :class:`UnifiedRadixCache` (0.5.18+; the Rust tree core
+  0.5.19+) with the Python or the Rust tree core, checked by its own ``sanity_check()``.
 
 Each adapter owns the release's real allocator on the CPU without a KV buffer, and records
 every index the cache frees through it. A page id is ``index // page_size``. After an insert
@@ -25,8 +25,8 @@ from bcr_verify.adapters.sglang_api import load
 from bcr_verify.errors import AdapterUnavailable, InvariantViolation
 
 KINDS = ("radix", "unified-py", "unified-rust")
-UNIFIED_FROM = "0.5.19"
-"""UnifiedRadixCache exists from 0.5.18, whose only tree core is Python; 0.5.19 adds Rust."""
+UNIFIED_FROM = "0.5.18"
+"""UnifiedRadixCache's first release; its only tree core there is Python (0.5.19 adds Rust)."""
 BACKEND_VARIABLE = "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"
 
 
@@ -115,9 +115,7 @@ class SGLangAdapter(CacheAdapter):
         if release_tuple(api.t.release) < release_tuple(UNIFIED_FROM):
             raise AdapterUnavailable(
                 f"UnifiedRadixCache is driven from sglang {UNIFIED_FROM} on; this is "
-                f"{api.t.release}" + (" (0.5.18's first version is not driven)"
-                                      if release_tuple(api.t.release) >= (0, 5, 18, 0) else
-                                      " (it came in 0.5.18)"))
+                f"{api.t.release}")
         from sglang.srt.mem_cache.unified_cache.components import ComponentType
         from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
@@ -127,11 +125,14 @@ class SGLangAdapter(CacheAdapter):
                       tree_components=(ComponentType.FULL,))
         if "tree_core_backend" in inspect.signature(api.CacheInitParams).parameters:
             cache = UnifiedRadixCache(api.CacheInitParams(**params, tree_core_backend=backend))
-        else:  # 0.5.19-0.5.21 choose the core from the environment
+        else:  # 0.5.18-0.5.21 choose the core from the environment
             previous = os.environ.get(BACKEND_VARIABLE)
             os.environ[BACKEND_VARIABLE] = backend
             try:
                 cache = UnifiedRadixCache(api.CacheInitParams(**params))
+            except ValueError as exc:  # 0.5.18 registers the Python core only
+                raise AdapterUnavailable(f"sglang {api.t.release} has no {backend} tree core "
+                                         f"for UnifiedRadixCache ({exc})") from None
             finally:
                 if previous is None:
                     os.environ.pop(BACKEND_VARIABLE)
