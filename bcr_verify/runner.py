@@ -182,7 +182,9 @@ def run(config: RunConfig, progress=None) -> RunResult:
                 run_state_machine_as_test(machine, settings=run_settings)
             except BudgetSpent:
                 break
-            except (Exception, FatalFinding):
+            except (Exception, FatalFinding) as exc:
+                if _during_interrupt(exc):  # Hypothesis's own handling failed under it
+                    raise KeyboardInterrupt from exc
                 if machine.last_failure is None:
                     raise
                 break
@@ -207,10 +209,9 @@ def run(config: RunConfig, progress=None) -> RunResult:
     totals = TOTALS.as_dict()
     totals.update(steps=budget.searched, shrink_steps=budget.shrink_steps)
     from bcr_verify.session import prompt_source
-    totals["lru_relaxations"] = save_witnesses(
+    totals["lru_relaxations"] = witnesses(
         totals, impls, config.block_size,
-        prompt_source(config.workload, config.block_size).capacity_pages, config.trace_dir,
-        config.workload)
+        prompt_source(config.workload, config.block_size).capacity_pages, config.workload)
     result = RunResult(config, impls, not_run, totals, time.monotonic() - start, failure,
                        trace_path, interrupted=interrupted, notes=notes,
                        provenance=provenance(impls, max_steps=config.max_steps,
@@ -226,29 +227,41 @@ def run(config: RunConfig, progress=None) -> RunResult:
     return result
 
 
-def save_witnesses(totals: dict, impls: list[str], block_size: int, capacity_pages: int,
-                   trace_dir: str, workload: str) -> dict:
-    """Save each relaxation's shortest witness as a strict-LRU trace; the report's section.
+def _during_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while a KeyboardInterrupt was being handled."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__context__ or exc.__cause__
+    return False
 
-    Returns ``{relaxation: {"meaning", "count": {impl: n}, "trace"}}``, and leaves only the
-    counts in each implementation's stats.
+
+def witnesses(totals: dict, impls: list[str], block_size: int, capacity_pages: int,
+              workload: str) -> dict:
+    """Each relaxation of strict LRU, its counts and its shortest witness as a strict-LRU
+    trace, inline (a passing run writes no trace files into the corpus).
+
+    Returns ``{relaxation: {"meaning", "count": {impl: n}, "steps", "witness": trace}}``,
+    and leaves only the counts in each implementation's stats. Save a witness as a file
+    (``Trace.from_json(...).save(dir)``) and replay it to see the eviction refused.
     """
     from bcr_verify.models.reference import RELAXATIONS
 
     out: dict = {}
     for name, stats in totals.get("implementations", {}).items():
-        witnesses = stats.pop("lru_witnesses", {}) or {}
+        shortest = stats.pop("lru_witnesses", {}) or {}
         for relaxation, count in stats.get("lru_deviations", {}).items():
             entry = out.setdefault(relaxation, {"meaning": RELAXATIONS[relaxation],
-                                                "count": {}, "trace": None})
+                                                "count": {}, "witness": None})
             entry["count"][name] = count
-            steps = witnesses.get(relaxation)
-            if steps and (entry["trace"] is None or len(steps) < entry["steps"]):
+            steps = shortest.get(relaxation)
+            if steps and (entry["witness"] is None or len(steps) < entry["steps"]):
                 trace = Trace(implementations=list(impls), block_size=block_size,
                               capacity_pages=capacity_pages, steps=steps, strict_lru=True,
                               meta={"witness_of": relaxation, "workload": workload})
-                path = trace.save(trace_dir, label=f"lru-witness-{relaxation}")
-                entry["trace"], entry["steps"] = str(path), len(steps)
+                entry["witness"], entry["steps"] = trace.to_json(), len(steps)
     return out
 
 

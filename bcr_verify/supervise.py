@@ -42,6 +42,7 @@ from bcr_verify.guard import BEACON, DONE, ENTERED, LANE, METHOD, METHODS
 INTERRUPT_GRACE_S = 30.0
 """How long an interrupted child may take to write its report and trace."""
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 
 @dataclass
@@ -117,6 +118,10 @@ def _child(work: Callable[[], int], journal_path: Path) -> None:
         BEACON.slots[DONE] = code + 1
     except SystemExit as exc:  # sys.exit() from inside an implementation: not finished
         code = exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:  # the forwarded interrupt landed outside the command's handler
+        print("interrupted", file=sys.stderr)
+        BEACON.slots[DONE] = EXIT_INTERRUPTED + 1
+        code = EXIT_INTERRUPTED
     except BaseException:  # noqa: BLE001 - the last line of defence of the child
         traceback.print_exc()
         print("bcr-verify: internal error (exit 3): the traceback above is bcr_verify's own; "

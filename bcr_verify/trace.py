@@ -91,9 +91,9 @@ class Trace:
             raise UsageError(f"trace {path}: not JSON ({exc})") from None
         return cls.from_json(data, source=f"trace {path}")
 
-    def save(self, directory: str | os.PathLike, label: str | None = None) -> Path:
-        """Write into ``directory`` under a name derived from ``label`` (default: the failed
-        check) and the content; returns the path."""
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write into ``directory`` under a name derived from the failed check and the
+        content; returns the path."""
         from bcr_verify.adapters.registry import resolve
 
         directory = Path(directory)
@@ -106,8 +106,7 @@ class Trace:
                     self.versions[name] = f"unknown ({type(exc).__name__})"
         text = json.dumps(self.to_json(), indent=1)
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-        check = re.sub(r"[^A-Za-z0-9._+=]+", "-",
-                       label or (self.failure or {}).get("check", "trace"))
+        check = re.sub(r"[^A-Za-z0-9._+=]+", "-", (self.failure or {}).get("check", "trace"))
         check = check.strip("-")[:40] or "trace"
         path = directory / f"{check}-{digest}.json"
         if path.exists():

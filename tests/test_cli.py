@@ -106,9 +106,10 @@ def test_lru_relaxations_are_counted_with_witnesses_and_strict_lru_refuses_them(
     assert out.returncode == 0, out.stdout + out.stderr
     relaxations = json.loads((tmp_path / "r.json").read_text())["lru_relaxations"]
     assert "whole-node over-eviction" in relaxations and "deviation from strict LRU" in out.stdout
-    witness = relaxations["whole-node over-eviction"]["trace"]
+    from bcr_verify.trace import Trace
+    witness = Trace.from_json(relaxations["whole-node over-eviction"]["witness"]).save(tmp_path)
     assert "reference" not in relaxations["whole-node over-eviction"]["count"]
-    again = cli("replay", witness)
+    again = cli("replay", str(witness))
     assert again.returncode == 1 and "[strict LRU]" in again.stdout
     strict = cli("run", "--impl", "reference", "--impl", "sglang-radix", "--max-steps", "600",
                  "--quiet", "--strict-lru", "--trace-dir", str(tmp_path / "strict"))

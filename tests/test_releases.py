@@ -15,7 +15,9 @@ from bcr_verify.matrix import bisect
 from bcr_verify.releases import ensure, known_releases, select
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES_FROM = (0, 4, 4, 0)
+PAGES_FROM = (0, 4, 8, 0)
+"""Paging came in 0.4.4, but its paged allocator allocates only through Triton on a GPU
+until 0.4.8: block size 4 runs on a CPU from 0.4.8 on."""
 UNIFIED_FROM = (0, 5, 18, 0)
 SPLIT_VIEWS_FIXED = (0, 5, 8, 0)
 """sgl-project/sglang#17191: before 0.5.8 a split leaves both halves viewing one storage."""
@@ -108,6 +110,5 @@ def test_matrix_table_json_and_plot(tmp_path):
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
     assert [r["release"] for r in rows] == releases.split(",")
     assert all(r["verdict"] == "pass" and r["generation"] for r in rows)
-    assert all(r["known"]["value owns storage"]["count"] > 0 for r in rows)  # both < 0.5.8
     assert "| release | generation |" in out.stdout
     assert (tmp_path / "m.png").stat().st_size > 1000
