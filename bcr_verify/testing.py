@@ -24,7 +24,7 @@ Tests (needs the ``bcr_verify`` pytest plugin, which pip-installing bcr_verify a
   different parents and positions included) are each matched to their own value; if the class
   gives ``block_hashes(tokens, block_size)``, those hashes are also checked for collisions.
 * ``test_match_cost_fanout``: the cost of a match below a node with 4096 children over one with
-  8 children; a ratio near 512 is a linear scan (the limit is 4). A ratio, never a wall-clock limit.
+  8 children; a ratio near 512 is a linear scan (the limit is 8). A ratio, never a wall-clock limit.
 * ``test_single_writer``: several threads mutate one cache through :class:`SingleWriter` (a lock
   that refuses reentry instead of deadlocking); invariants hold and each thread reads back its
   own blocks. ``test_reentrant_mutation_refused``: where the class declares how to hook a
@@ -226,7 +226,10 @@ class PrefixCacheConformance:
     """Half the rounds insert and evict 1,440 blocks: leaking one small object per block is
     ~40 KiB, while a dict that kept a larger table after churn is a one-off of a few KiB."""
     fanout: ClassVar[tuple[int, int]] = (8, 4096)
-    max_fanout_ratio: ClassVar[float] = 4.0
+    max_fanout_ratio: ClassVar[float] = 8.0
+    """A hashed child lookup stays within a few x between 8 and 4096 children (a wider table
+    misses the CPU cache more; 4.4x was measured once on a loaded machine); a scan of the
+    children is ~50-500x."""
     writer_threads: ClassVar[int] = 4
 
     block_hashes: ClassVar[Callable[[list[int], int], list[int]] | None] = None
@@ -375,23 +378,25 @@ class PrefixCacheConformance:
         bs = 4
         small, large = self.fanout
 
-        def cost(fanout):
+        def build(fanout):
             cache = self._bcr_cache(bs)
             stem = [5] * bs * 4
             value = 0
             for i in range(fanout):
                 cache.insert(stem + [10_000 + i] * bs, list(range(value, value + 5)))
                 value += 5
-            probe = stem + [10_000 + fanout // 2] * bs
-            samples = []
-            for _ in range(7):
-                t0 = time.perf_counter()
-                for _ in range(200):
-                    cache.match_prefix(probe)
-                samples.append(time.perf_counter() - t0)
-            return min(samples)
+            return cache, stem + [10_000 + fanout // 2] * bs
 
-        ratio = cost(large) / cost(small)
+        def timed(cache, probe):
+            t0 = time.perf_counter()
+            for _ in range(200):
+                cache.match_prefix(probe)
+            return time.perf_counter() - t0
+
+        # Both trees first, then alternating rounds: load on a shared machine hits both alike.
+        narrow, wide = build(small), build(large)
+        rounds = [(timed(*narrow), timed(*wide)) for _ in range(9)]
+        ratio = min(w for _, w in rounds) / min(n for n, _ in rounds)
         record_property("match_cost_fanout_ratio", round(ratio, 2))
         assert ratio < self.max_fanout_ratio, (
             f"a match below {large} children costs {ratio:.1f}x one below {small}: it grows "
