@@ -209,7 +209,7 @@ def print_report(report: dict) -> None:
                   "names read at import; listed in the JSON)")
         for invariant in notes.get("not_checked", []):
             print(f"{name}: not checked: {invariant}")
-    from bcr_verify.soak import shape_line
+    from bcr_verify.shape import shape_line
     print(shape_line(report.get("tree_shape", {})))
     for name, r in report.get("lru_relaxations", {}).items():
         counts = ", ".join(f"{impl} {n}" for impl, n in r["count"].items())

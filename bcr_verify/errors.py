@@ -108,10 +108,6 @@ class ImplementationCrashed(FatalFinding):
     kind = "implementation crashed"
 
 
-FINDING_KINDS = (Divergence.kind, InvariantViolation.kind, ImplementationRaised.kind,
-                 ImplementationHung.kind, ImplementationCrashed.kind)
-
-
 class UsageError(ValueError):
     """Bad input from the user; the message names the argument and what would be accepted."""
 

@@ -26,8 +26,6 @@ import signal
 import threading
 import time
 import traceback
-from typing import Sequence
-
 from bcr_verify.errors import (
     ImplementationHung, ImplementationRaised, InvariantViolation, VerificationFailure,
 )
@@ -40,7 +38,7 @@ METHODS = ("match", "lock", "unlock", "insert", "evict_tokens", "evict_value", "
            "available_pages", "sizes", "check_invariants", "reset")
 """The adapter calls the engine makes; their index is what the beacon stores."""
 
-LANE, METHOD, STEP, ENTERED, DONE, GENERATION = range(6)
+LANE, METHOD, STEP, ENTERED, DONE = range(5)
 _SLOTS = 8
 _HANG_SIGNAL = signal.SIGUSR2
 """Which Python-level handler the watchdog trips; no OS signal is sent (interrupt_main)."""
@@ -132,13 +130,11 @@ class Watchdog:
 WATCHDOG = Watchdog()
 
 
-def guard(adapter, lane_index: int, methods: Sequence[str] = METHODS) -> None:
-    """Wrap ``adapter``'s ``methods`` in place so each call reports as described above."""
+def guard(adapter, lane_index: int) -> None:
+    """Wrap ``adapter``'s methods in place so each call reports as described above."""
     slots = BEACON.slots
     clock = time.monotonic_ns
     for code, name in enumerate(METHODS):
-        if name not in methods:
-            continue
         original = getattr(adapter, name, None)
         if original is None:
             continue

@@ -181,8 +181,7 @@ class Lockstep:
         for index, adapter in enumerate(adapters):
             guard(adapter, index)
         BEACON.lanes = names
-        self.watched = WATCHDOG.arm(op_timeout)
-        """Whether a hang is detected in this process (main thread only)."""
+        WATCHDOG.arm(op_timeout)
         self.origin = origin
         self.budget = budget
         self.strict_lru = strict_lru

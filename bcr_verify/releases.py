@@ -73,10 +73,6 @@ def select(spec: str) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def venv_python(release: str) -> Path:
-    return root() / VENVS / f"sglang-{release}" / "bin" / "python"
-
-
 def ensure(release: str, progress=None) -> Path:
     """The python of ``release``'s venv, built first if missing or stale (one builder at a
     time: a second process waits for the first, then finds the venv built)."""

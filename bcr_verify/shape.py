@@ -58,3 +58,15 @@ def widest(a: dict, b: dict) -> dict:
             if value is not None and (mine.get(key) is None or value > mine[key]):
                 mine[key] = value
     return merged
+
+
+def shape_line(shape: dict) -> str:
+    """The deepest chain and widest fan-out reached, in one line."""
+    if not shape:
+        return "tree shape: not measured"
+    parts = []
+    for lane, s in shape.items():
+        nodes = f", {s['depth_nodes']} nodes" if s.get("depth_nodes") is not None else ""
+        parts.append(f"{lane} {s.get('depth_blocks', 0)} blocks{nodes} deep, fan-out "
+                     f"{s.get('fanout', 0)}")
+    return "deepest tree: " + "; ".join(parts)

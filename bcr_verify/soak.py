@@ -569,18 +569,6 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     return SoakResult(config, report, samples, trace, trace_path)
 
 
-def shape_line(shape: dict) -> str:
-    """The deepest chain and widest fan-out reached, in one line."""
-    if not shape:
-        return "tree shape: not measured"
-    parts = []
-    for lane, s in shape.items():
-        nodes = f", {s['depth_nodes']} nodes" if s.get("depth_nodes") is not None else ""
-        parts.append(f"{lane} {s.get('depth_blocks', 0)} blocks{nodes} deep, fan-out "
-                     f"{s.get('fanout', 0)}")
-    return "deepest tree: " + "; ".join(parts)
-
-
 def _widest_shape(samples: list[dict]) -> dict:
     from bcr_verify.shape import widest
 
@@ -642,6 +630,7 @@ def summary(report: dict) -> str:
         f"{o['raw_implementation_op_seconds']} s = {o['ratio_wall_to_raw_ops']}x "
         f"(implementation self-checks {o['implementation_self_check_seconds']} s)",
     ]
+    from bcr_verify.shape import shape_line
     lines.append(shape_line(report.get("tree_shape", {})))
     for name, r in report.get("lru_relaxations", {}).items():
         counts = ", ".join(f"{impl} {n:,}" for impl, n in r["count"].items())

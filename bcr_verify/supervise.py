@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Callable
 
 from bcr_verify import journal
+from bcr_verify.cli import EXIT_INTERNAL, EXIT_INTERRUPTED
 from bcr_verify.guard import BEACON, DONE, ENTERED, LANE, METHOD, METHODS
 
 INTERRUPT_GRACE_S = 30.0
 """How long an interrupted child may take to write its report and trace."""
-EXIT_INTERNAL = 3
-EXIT_INTERRUPTED = 130
 
 
 @dataclass
