@@ -192,18 +192,24 @@ def print_report(report: dict) -> None:
         print(f"shrinking: {report['shrink_steps']} more steps in {report['shrink_examples']} "
               "examples (not counted above)")
     header = f"{'implementation':<22}{'lookups':>8}{'hits':>7}{'hit rate':>9}{'evictions':>10}" \
-             f"{'evicted tok':>12}{'dup freed':>10}"
+             f"{'evicted tok':>12}{'dup freed':>10}{'dup kept':>9}{'refused':>8}"
     print(header)
     for name, s in report["implementations"].items():
         print(f"{name:<22}{s.get('lookups', 0):>8}{s.get('hits', 0):>7}{s.get('hit_rate', 0):>9.3f}"
               f"{s.get('evictions', 0):>10}{s.get('evicted_tokens', 0):>12}"
-              f"{s.get('duplicates_freed', 0):>10}")
+              f"{s.get('duplicates_freed', 0):>10}{s.get('duplicates_kept', 0):>9}"
+              f"{s.get('refused', 0):>8}")
+    if len(report["implementations"]) > 1:
+        print(f"lanes compared with each other on {report.get('cross_lane_checks', 0)} lookups "
+              "(where their contracts agree on the result)")
     if "kv_replay" in report:
         print(f"kv replay: {report['kv_replay']}")
     for name, stats in report["implementations"].items():
         notes = stats.get("notes") or {}
-        if notes.get("release"):
+        if notes.get("generation"):
             print(f"{name}: sglang {notes['release']}, API generation {notes['generation']}")
+        elif notes.get("release"):
+            print(f"{name}: release {notes['release']} on torch {notes.get('torch', '?')}")
         for standin in notes.get("stand_ins", []):
             print(f"{name}: stand-in used for {standin['package']} ({len(standin['names'])} "
                   "names read at import; listed in the JSON)")

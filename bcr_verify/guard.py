@@ -34,8 +34,8 @@ DEFAULT_OP_TIMEOUT = 10.0
 """Seconds one call may take. Calls here take micro- to milliseconds; 10 s leaves room for a
 loaded CI machine and a slow first call, and still ends a hang within a CI job."""
 
-METHODS = ("match", "lock", "unlock", "insert", "evict_tokens", "evict_value", "alloc", "free",
-           "available_pages", "sizes", "check_invariants", "reset")
+METHODS = ("match", "lock", "admit", "unlock", "insert", "evict_tokens", "evict_value", "alloc",
+           "free", "available_pages", "sizes", "check_invariants", "reset")
 """The adapter calls the engine makes; their index is what the beacon stores."""
 
 LANE, METHOD, STEP, ENTERED, DONE = range(5)

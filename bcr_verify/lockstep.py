@@ -1,11 +1,14 @@
 """The engine: apply one operation to every implementation and judge each against the model.
 
 Each implementation runs in a *lane* with its own shadow :class:`ReferenceCache`, whose block
-values are the very page ids the implementation stores. Results must equal the shadow's; where
-an implementation may legally choose (LRU ties, whole-node over-eviction), its choice is
+values are the very page ids the implementation stores, judged under the implementation's own
+:class:`~bcr_verify.adapters.Contract` (when blocks become matchable, the hit cap, duplicate
+copies, on-demand or lazy eviction, what counts as free). Results must equal the shadow's;
+where an implementation may legally choose (LRU ties, whole-node over-eviction), its choice is
 checked by the shadow and then followed, so lanes stay exact without ever skipping a check.
-Lanes whose caches made the same choices hold identical shadows, so agreeing with the shadow
-is agreeing with each other.
+Lanes with equal contracts that made the same choices hold identical shadows, so agreeing with
+the shadow is agreeing with each other; lanes whose contracts differ are also compared directly
+wherever their contracts agree on an observable (see :meth:`Lockstep.match`).
 
 Operations mirror a serving engine's scheduler: a request *begins* (match, lock the prefix,
 allocate pages for the rest, evicting if short), then *finishes* (insert, free duplicate
@@ -33,6 +36,7 @@ from bcr_verify.errors import (
     Divergence, FatalFinding, InvariantViolation, UsageError, VerificationFailure,
 )
 from bcr_verify.guard import BEACON, DEFAULT_OP_TIMEOUT, STEP, WATCHDOG, guard
+from bcr_verify.models.free_queue import FreeQueue
 from bcr_verify.models.reference import RELAXATIONS, ReferenceCache
 
 
@@ -92,6 +96,9 @@ class LaneStats:
     evictions: int = 0
     evicted_tokens: int = 0
     duplicates_freed: int = 0
+    duplicates_kept: int = 0
+    refused: int = 0
+    """Requests this lane refused, each while the model agreed it had no room."""
     lru_deviations: Counter = field(default_factory=Counter)
     """Relaxation of strict LRU -> evictions that needed it (see ``RELAXATIONS``)."""
     witnesses: dict = field(default_factory=dict)
@@ -103,7 +110,8 @@ class LaneStats:
             "hit_tokens": self.hit_tokens, "lookup_tokens": self.lookup_tokens,
             "hit_rate": round(self.hit_tokens / self.lookup_tokens, 4) if self.lookup_tokens else 0.0,
             "evictions": self.evictions, "evicted_tokens": self.evicted_tokens,
-            "duplicates_freed": self.duplicates_freed,
+            "duplicates_freed": self.duplicates_freed, "duplicates_kept": self.duplicates_kept,
+            "refused": self.refused,
             "lru_deviations": dict(self.lru_deviations), "lru_witnesses": dict(self.witnesses),
         }
 
@@ -112,8 +120,11 @@ class Lane:
     def __init__(self, adapter: CacheAdapter):
         self.adapter = adapter
         self.name = adapter.name
-        self.block_size = adapter.contract.block_size
+        self.contract = adapter.contract
+        self.block_size = self.contract.block_size
         self.shadow = ReferenceCache(self.block_size)
+        self.lazy = self.contract.eviction == "lazy"
+        self.queue = FreeQueue(adapter.capacity_pages) if self.lazy else None
         self.held: set[int] = set()
         self.stats = LaneStats()
 
@@ -198,6 +209,10 @@ class Lockstep:
         """Steps dropped from the record by :meth:`forget_steps` (still counted as executed)."""
         self.checks = 0
         self.rejected = 0
+        self.cross_checks = 0
+        self.comparable = True
+        """No eviction, abort or uneven admission since the last flush: lanes whose contracts
+        differ still hold the same content (see :meth:`_compare`)."""
 
     # ----------------------------------------------------------------- operations
 
@@ -215,13 +230,21 @@ class Lockstep:
         self._step("abort", {"rid": rid}, lambda: self._end(rid, finished=False))
 
     def match(self, tokens: Sequence[int]) -> None:
-        """A lookup with no lock (a router's probe, or a scheduler ranking its queue)."""
+        """A lookup with no lock (a router's probe, or a scheduler ranking its queue).
+
+        Besides each lane's own model, lanes are compared with each other here while their
+        contracts agree on what a lookup returns: nothing evicted or aborted since the last
+        flush, no request running, and the matched length cut to the largest hit cap.
+        """
         tokens = list(tokens)
         def run():
+            lengths = {}
             for lane in self.lanes:
                 got = self._match(lane, tokens)
+                lengths[lane.name] = got.length
                 for observer in self.observers:
                     observer.on_match(lane.name, tokens, list(got.pages))
+            self._compare(tokens, lengths)
         self._step("match", {"tokens": tokens}, run)
 
     def evict(self, num_tokens: int) -> None:
@@ -230,7 +253,8 @@ class Lockstep:
                    lambda: [self._evict_lru(l, num_tokens) for l in self.lanes])
 
     def evict_value(self, pick: int) -> None:
-        """Explicit caches evict one block (with its subtree); ``pick`` indexes the candidates."""
+        """Explicit caches evict one block (with its subtree), lazy caches one unreferenced
+        copy; ``pick`` indexes each lane's candidates."""
         self._step("evict_value", {"pick": pick},
                    lambda: [self._evict_value(l, pick) for l in self.lanes])
 
@@ -245,6 +269,7 @@ class Lockstep:
                 lane.stats.ops["reset"] += 1
                 for observer in self.observers:
                     observer.on_reset(lane.name)
+            self.comparable = True
         self._step("reset", {}, run)
 
     @property
@@ -280,6 +305,7 @@ class Lockstep:
             "steps": len(self.steps),
             "operations": dict(Counter(s["op"] for s in self.steps)),
             "rejected_requests": self.rejected,
+            "cross_lane_checks": self.cross_checks,
             "implementations": {
                 lane.name: {"contract": vars(lane.adapter.contract),
                             "notes": getattr(lane.adapter, "notes", {}), **lane.stats.as_dict()}
@@ -324,15 +350,23 @@ class Lockstep:
                         "sizes", f"evictable/protected = {sizes.evictable}/{sizes.protected}, "
                         f"model says {want[0]}/{want[1]}")
             free = adapter.available_pages()
-            total = free + len(shadow) + len(lane.held)
+            if lane.contract.free_counts_evictable:
+                cached, what = shadow.protected_tokens // self.block_size, "cached in use"
+            else:
+                cached, what = len(shadow), "cached"
+            total = free + cached + len(lane.held)
             if total != adapter.capacity_pages:
                 raise InvariantViolation(
                     lane.name, "pool conservation",
-                    f"free {free} + cached {len(shadow)} + held by requests {len(lane.held)} = "
+                    f"free {free} + {what} {cached} + held by requests {len(lane.held)} = "
                     f"{total} pages, capacity is {adapter.capacity_pages}")
+            if lane.lazy and free != len(lane.queue):
+                raise lane.diverge("free count", f"the cache counts {free} free pages, the "
+                                   f"model's free queue holds {len(lane.queue)}")
 
     def _match(self, lane: Lane, tokens: list[int]):
-        want_len, want_pages = lane.shadow.match_prefix(tokens)
+        cap = lane.contract.hit_cap
+        want_len, want_pages = lane.shadow.match_prefix(tokens[:max(0, len(tokens) - cap)])
         got = lane.adapter.match(tokens)
         if (got.length, list(got.pages)) != (want_len, want_pages):
             at = next((i for i, (g, w) in enumerate(zip(got.pages, want_pages)) if g != w),
@@ -340,7 +374,8 @@ class Lockstep:
             raise lane.diverge(
                 "match", f"matched {got.length} tokens with pages {short(got.pages, at)}, "
                 f"model: {want_len} tokens with pages {short(want_pages, at)}; first difference "
-                f"at block {at}")
+                f"at block {at}" + (f" (hit cap: the last {cap} token(s) of a {len(tokens)}-"
+                                    "token prompt never match)" if cap else ""))
         lane.stats.lookups += 1
         lane.stats.lookup_tokens += len(tokens)
         lane.stats.hits += want_len > 0
@@ -348,28 +383,88 @@ class Lockstep:
         return got
 
     def _begin(self, tokens: list[int]) -> int | None:
-        blocks = len(tokens) // self.block_size
         held: dict[str, Held] = {}
         for lane in self.lanes:
-            got = self._match(lane, tokens)
-            receipt = lane.adapter.lock(got.handle)
-            lane.shadow.acquire(got.pages)
-            held[lane.name] = Held(matched=list(got.pages), receipt=receipt, new=[])
-            new = self._alloc(lane, blocks - len(got.pages))
-            if new is None:
-                for name, h in held.items():
-                    self._release(self._lane(name), h)
-                self.rejected += 1
-                return None
-            held[lane.name].new = new
-            lane.held.update(new)
-            lane.stats.ops["begin"] += 1
-            for observer in self.observers:
-                observer.on_begin(lane.name, tokens, list(got.pages), new)
+            admitted = self._admit(lane, tokens)
+            if admitted is not None:
+                held[lane.name] = admitted
+        if len(held) != len(self.lanes):
+            self.comparable = False
+        if not held:
+            self.rejected += 1
+            return None
         rid = self.next_rid
         self.next_rid += 1
         self.requests[rid] = (tokens, held)
         return rid
+
+    def _admit(self, lane: Lane, tokens: list[int]) -> Held | None:
+        """One lane admits a request, or refuses it; either is judged against its model."""
+        contract, shadow, bs = lane.contract, lane.shadow, self.block_size
+        got = self._match(lane, tokens)
+        matched = list(got.pages)
+        full = len(tokens) // bs
+        need = (-(-len(tokens) // bs) if contract.tail_page else full) - len(matched)
+        pinned = shadow.protected_tokens // bs + sum(1 for p in matched if not shadow.refcount(p))
+        room = lane.adapter.capacity_pages - len(lane.held) - pinned
+        if lane.lazy:
+            admitted = lane.adapter.admit(got.handle, need)
+            if admitted is None:
+                return self._refused(lane, need, room)
+            receipt, new = admitted[0], list(admitted[1])
+            self._take_from_queue(lane, matched, new, need)
+        else:
+            shadow.acquire(matched)
+            receipt = lane.adapter.lock(got.handle)
+            new = self._alloc(lane, need)
+            if new is None:
+                lane.adapter.unlock(receipt)
+                shadow.release(matched)
+                return self._refused(lane, need, room)
+        if need > room:
+            raise lane.diverge("admission", f"admitted a request needing {need} pages while "
+                               f"the model counts {room} free or evictable")
+        if contract.matchable == "alloc":
+            existing = shadow.insert(tokens, (matched + new)[:full], keep_duplicates=True) // bs
+            lane.stats.duplicates_kept += max(0, existing - len(matched))
+            cached = [p for p in new if p in shadow]
+            shadow.acquire(cached)
+            lane.held.update(p for p in new if p not in shadow)
+        else:
+            lane.held.update(new)
+        lane.stats.ops["begin"] += 1
+        for observer in self.observers:
+            observer.on_begin(lane.name, tokens, matched, new[:max(0, full - len(matched))])
+        return Held(matched=matched, receipt=receipt, new=new)
+
+    def _refused(self, lane: Lane, need: int, room: int) -> None:
+        if need <= room:
+            raise lane.diverge("admission", f"refused a request needing {need} pages while "
+                               f"the model counts {room} free or evictable")
+        lane.stats.refused += 1
+        return None
+
+    def _take_from_queue(self, lane: Lane, matched: list[int], new: list[int],
+                         need: int) -> None:
+        """A lazy cache's allocation: the pages must be the model's free-queue head, and the
+        blocks cached on them are evicted."""
+        shadow, queue = lane.shadow, lane.queue
+        hits_in_queue = [p for p in matched if not shadow.refcount(p)]
+        shadow.acquire(matched)
+        queue.remove(hits_in_queue)
+        want = queue.take(need)
+        if sorted(new) != sorted(want):
+            raise lane.diverge(
+                "allocation", f"allocated pages {short(sorted(new))}, the model's free queue "
+                f"hands out {short(sorted(want))} (pages without a cached block first, then "
+                "cached ones in the order they were released)")
+        evicted = [p for p in want if p in shadow]
+        for page in evicted:
+            shadow.evict_copy(page)
+        if evicted:
+            self.comparable = False
+            lane.stats.evictions += 1
+            lane.stats.evicted_tokens += len(evicted) * self.block_size
 
     def _alloc(self, lane: Lane, n: int) -> list[int] | None:
         missing = n - lane.adapter.available_pages()
@@ -397,9 +492,16 @@ class Lockstep:
             raise UsageError(f"rid: no running request {rid} (a trace whose begin was refused "
                              "or never ran here: replayed at another block size or capacity?)")
         tokens, held = self.requests.pop(rid)
+        if not finished:
+            self.comparable = False
         for lane in self.lanes:
-            h = held[lane.name]
+            h = held.get(lane.name)
+            if h is None:  # this lane refused the request
+                continue
             lane.stats.ops["finish" if finished else "abort"] += 1
+            if lane.lazy:
+                self._release_lazy(lane, h)
+                continue
             if not finished:
                 self._release(lane, h)
                 continue
@@ -419,7 +521,39 @@ class Lockstep:
             lane.adapter.unlock(h.receipt)
             lane.shadow.release(h.matched)
 
+    def _release_lazy(self, lane: Lane, held: Held) -> None:
+        """A lazy cache ends a request: every page it held is released, tail first, into
+        the free queue (cached ones stay cached, and evictable)."""
+        lane.adapter.unlock(held.receipt)
+        uncached, cached = [], []
+        for page in reversed(held.matched + held.new):
+            if page in lane.held:
+                lane.held.discard(page)
+                uncached.append(page)
+            else:
+                lane.shadow.release([page])
+                if not lane.shadow.refcount(page):
+                    cached.append(page)
+        lane.queue.release(uncached, cached)
+
+    def _compare(self, tokens: list[int], lengths: dict[str, int]) -> None:
+        """Lanes agree on a lookup's matched length where their contracts say they must."""
+        if len(lengths) < 2 or not self.comparable or self.requests:
+            return
+        cap = max(lane.contract.hit_cap for lane in self.lanes)
+        limit = max(0, len(tokens) - cap) // self.block_size * self.block_size
+        seen = {name: min(length, limit) for name, length in lengths.items()}
+        self.cross_checks += 1
+        if len(set(seen.values())) > 1:
+            (a, la), (b, lb) = sorted(seen.items(), key=lambda kv: kv[1])[::len(seen) - 1]
+            raise Divergence(f"{a} vs {b}", "cross-lane", (
+                f"with nothing evicted or aborted since the last flush, {a} matched {la} tokens "
+                f"and {b} {lb} (cut to {limit}, the largest hit cap), though each agrees "
+                "with its own contract's model: a difference no declared option explains"))
+
     def _evict_lru(self, lane: Lane, num_tokens: int) -> None:
+        if lane.lazy:  # evicts only inside an allocation
+            return
         lane.stats.ops["evict"] += 1
         if lane.adapter.contract.eviction == "lru":
             freed = list(lane.adapter.evict_tokens(num_tokens))
@@ -438,10 +572,14 @@ class Lockstep:
             for value in lane.shadow.lru_victims(num_tokens):
                 freed += self._evict_explicit(lane, value)
         if freed:
+            self.comparable = False
             lane.stats.evictions += 1
             lane.stats.evicted_tokens += len(freed) * self.block_size
 
     def _evict_value(self, lane: Lane, pick: int) -> None:
+        if lane.lazy:
+            self._uncache_one(lane, pick)
+            return
         if lane.adapter.contract.eviction != "explicit":
             return
         candidates = lane.shadow.evictable_values()
@@ -449,8 +587,25 @@ class Lockstep:
             return
         lane.stats.ops["evict_value"] += 1
         freed = self._evict_explicit(lane, candidates[pick % len(candidates)])
+        self.comparable = False
         lane.stats.evictions += 1
         lane.stats.evicted_tokens += len(freed) * self.block_size
+
+    def _uncache_one(self, lane: Lane, pick: int) -> None:
+        """A lazy cache told to evict one unreferenced copy (vLLM's ``evict_blocks``)."""
+        candidates = lane.shadow.unreferenced_values()
+        if not candidates:
+            return
+        value = candidates[pick % len(candidates)]
+        lane.stats.ops["evict_value"] += 1
+        got = lane.adapter.evict_value(value)
+        if list(got) != [value]:
+            raise lane.diverge("evict", f"evicting the copy in page {value} evicted "
+                               f"{short(list(got))}, model: [{value}]")
+        lane.shadow.evict_copy(value)
+        self.comparable = False
+        lane.stats.evictions += 1
+        lane.stats.evicted_tokens += self.block_size
 
     def _evict_explicit(self, lane: Lane, value: int) -> list[int]:
         want = lane.shadow.subtree_values(value)

@@ -68,7 +68,7 @@ class LockstepMachine(RuleBasedStateMachine):
         self._shrinking = bool(self.budget and self.budget.shrinking)
         self.lockstep = None
         self._fresh_lanes()
-        self._explicit = any(l.adapter.contract.eviction == "explicit"
+        self._explicit = any(l.adapter.contract.eviction in ("explicit", "lazy")
                              for l in self.lockstep.lanes)
 
     def _fresh_lanes(self) -> None:

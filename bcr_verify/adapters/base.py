@@ -17,24 +17,81 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 
+OPTIONS = {
+    "eviction": ("lru", "explicit", "lazy"),
+    "lru_unit": ("node", "block", "chain-tail"),
+    "recency": ("use", "release"),
+    "matchable": ("finish", "alloc"),
+    "hit_cap": (0, 1),
+    "duplicates": ("freed", "kept"),
+    "free_counts_evictable": (False, True),
+    "tail_page": (False, True),
+    "reports_sizes": (False, True),
+}
+"""Every contract option and the values the model understands for it."""
+
+
 @dataclass(frozen=True)
 class Contract:
-    """What an implementation promises, so the machine knows which differences are legal.
+    """What an implementation may legally do. Every field changes what the model predicts
+    for that implementation, and so every field is checked, never merely tolerated.
 
-    ``eviction``: ``"lru"`` caches pick their own victims for a token count (checked against
-    what LRU allows); ``"explicit"`` caches evict the value they are told, with its subtree.
-    ``may_over_evict``: whole radix nodes go at once, so more than asked may be freed.
+    ``eviction``: ``"lru"`` caches free a token count on demand and pick their own victims
+    (checked against LRU); ``"explicit"`` caches evict the block they are told, with its
+    subtree; ``"lazy"`` caches never evict on demand: an allocation takes pages from a free
+    queue and evicts the cached blocks on the pages it takes (vLLM), in the order
+    :class:`~bcr_verify.models.FreeQueue` predicts.
+    ``lru_unit``: ``"node"``: a radix node (several blocks) goes whole and refreshes its whole
+    key before a split, so the model accepts those two relaxations of block LRU (SGLang);
+    ``"block"``: strict block LRU; ``"chain-tail"``: a request's pages are released tail
+    first, so a chain is evicted from its tail (lazy caches).
+    ``recency``: ``"use"``: a match or insert refreshes a block; ``"release"``: only the
+    order in which pages were released counts, a lookup refreshes nothing (lazy caches).
+    ``matchable``: a request's blocks can be matched from ``"finish"`` (insert, SGLang), or
+    from ``"alloc"`` on: as soon as its pages are allocated, so an aborted request's blocks
+    stay cached (vLLM).
+    ``hit_cap``: tokens a request's match must leave unmatched at its end (vLLM: 1, so a
+    fully cached block-aligned prompt recomputes its last block).
+    ``duplicates``: a block computed twice is ``"freed"`` at insert (one copy stays, SGLang)
+    or ``"kept"``: both copies cached, each evictable on its own (vLLM).
+    ``free_counts_evictable``: ``available_pages()`` counts evictable cached pages as free.
+    ``tail_page``: a prompt's partial last block gets a page of its own (never matchable).
     ``reports_sizes``: the cache reports evictable / protected token counts to compare.
-    ``self_check``: how its structure is checked after every mutation.
-    ``values``: what the cache stores per block, before the adapter turns it into a page id.
     """
 
     block_size: int
-    values: str
-    eviction: Literal["lru", "explicit"]
-    may_over_evict: bool
-    reports_sizes: bool
-    self_check: str
+    eviction: Literal["lru", "explicit", "lazy"]
+    lru_unit: Literal["node", "block", "chain-tail"] = "block"
+    recency: Literal["use", "release"] = "use"
+    matchable: Literal["finish", "alloc"] = "finish"
+    hit_cap: int = 0
+    duplicates: Literal["freed", "kept"] = "freed"
+    free_counts_evictable: bool = False
+    tail_page: bool = False
+    reports_sizes: bool = False
+
+    def __post_init__(self):
+        from bcr_verify.errors import UsageError
+
+        for name, allowed in OPTIONS.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"contract: {name}={getattr(self, name)!r}; the model "
+                                 f"understands {', '.join(map(repr, allowed))}")
+        lazy = self.eviction == "lazy"
+        if lazy != (self.recency == "release") or lazy != (self.lru_unit == "chain-tail"):
+            raise UsageError(
+                "contract: eviction='lazy' goes with recency='release' and "
+                "lru_unit='chain-tail' (a free queue in release order), and only with them")
+        if (self.matchable == "alloc") != (self.duplicates == "kept") or \
+                (self.matchable == "alloc") != lazy:
+            raise UsageError(
+                "contract: matchable='alloc' goes with duplicates='kept' and eviction='lazy' "
+                "(blocks cached at allocation stay in their pages), and only with them")
+
+    def differences(self, other: "Contract") -> dict:
+        """Options on which ``self`` and ``other`` differ: ``{name: (mine, theirs)}``."""
+        return {name: (getattr(self, name), getattr(other, name)) for name in OPTIONS
+                if getattr(self, name) != getattr(other, name)}
 
 
 @dataclass
@@ -69,14 +126,20 @@ class CacheAdapter(ABC):
     @abstractmethod
     def match(self, tokens: Sequence[int]) -> Match: ...
 
-    @abstractmethod
     def lock(self, handle: Any) -> Any:
         """Protect a match's prefix like a running request; returns what :meth:`unlock` takes."""
+        raise NotImplementedError(f"{self.name} locks in admit()")
+
+    def admit(self, handle: Any, num_pages: int) -> tuple[Any, list[int]] | None:
+        """Lazy-eviction caches: lock a request's match and allocate ``num_pages`` for the
+        rest of its prompt in one call, as the engine does (vLLM's ``allocate_slots``):
+        ``(receipt, pages)``, or None if the cache refuses the request."""
+        raise NotImplementedError(f"{self.name} is not a lazy-eviction cache")
 
     @abstractmethod
-    def unlock(self, receipt: Any) -> None: ...
+    def unlock(self, receipt: Any) -> None:
+        """End a request: release its prefix (and, for lazy caches, all of its pages)."""
 
-    @abstractmethod
     def insert(self, tokens: Sequence[int], pages: Sequence[int], owned_from: int) -> Inserted:
         """Cache ``tokens`` with one page per full block and free what turned out duplicate.
 
@@ -84,6 +147,7 @@ class CacheAdapter(ABC):
         ``pages[owned_from:]`` were freshly allocated, and any of them whose block was cached
         meanwhile is a duplicate that must be freed, as SGLang's scheduler does.
         """
+        raise NotImplementedError(f"{self.name} caches at allocation")
 
     def evict_tokens(self, num_tokens: int) -> list[int]:
         """LRU caches: free at least ``num_tokens`` tokens; returns the freed pages."""
@@ -91,15 +155,17 @@ class CacheAdapter(ABC):
 
     def evict_value(self, page: int) -> list[int] | None:
         """Explicit caches: evict ``page`` and its subtree; the freed pages, or None if the
-        cache does not say (the machine then frees what the model predicts)."""
+        cache does not say (the machine then frees what the model predicts). Lazy caches:
+        uncache the one unreferenced copy in ``page`` (its page stays where it is in the free
+        queue); returns ``[page]``."""
         raise NotImplementedError(f"{self.name} has LRU eviction only")
 
-    @abstractmethod
     def alloc(self, num_pages: int) -> list[int] | None:
         """Take pages from the allocator, or None if it has too few free."""
+        raise NotImplementedError(f"{self.name} allocates in admit()")
 
-    @abstractmethod
-    def free(self, pages: Sequence[int]) -> None: ...
+    def free(self, pages: Sequence[int]) -> None:
+        raise NotImplementedError(f"{self.name} frees a request's pages in unlock()")
 
     @abstractmethod
     def available_pages(self) -> int: ...

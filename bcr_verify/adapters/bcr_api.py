@@ -31,14 +31,9 @@ class BCRApiAdapter(CacheAdapter):
         if eviction == "lru" and not hasattr(self.cache, "evict_lru"):
             raise TypeError(f"{name}: eviction='lru' needs the cache to have evict_lru()")
         self.pool = PagePool(capacity_pages)
-        self.contract = Contract(
-            block_size=block_size,
-            values="one opaque value per block (a page id)",
-            eviction=eviction,
-            may_over_evict=False,
-            reports_sizes=hasattr(self.cache, "evictable_tokens"),
-            self_check="assert_invariants()",
-        )
+        self.contract = Contract(block_size=block_size, eviction=eviction, lru_unit="block",
+                                 reports_sizes=hasattr(self.cache, "evictable_tokens"))
+        self.notes = {"self_check": "assert_invariants()"}
 
     def match(self, tokens: Sequence[int]) -> Match:
         length, values = self.cache.match_prefix(list(tokens))

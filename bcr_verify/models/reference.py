@@ -6,6 +6,13 @@ token-granular LRU caches needs: ``block_size=1`` for token granularity, a logic
 instead of wall time, LRU eviction by token count, and :meth:`apply_lru_eviction`, which
 accepts any eviction an LRU cache may legally make and refuses the rest.
 
+Engines that keep *duplicate physical copies* of one block (vLLM's append-only block tables:
+a block computed twice is cached twice, each copy evictable on its own) are modelled with
+``insert(..., keep_duplicates=True)`` and :meth:`evict_copy`: a block then holds several
+values, lookups return the oldest, and a block whose last copy went while blocks below it are
+still cached stays as a *hollow* node that ends every match until it is cached again (a hash
+map keyed by chained hashes behaves exactly so).
+
 Design rule: obviously correct beats fast. One node per block, a dict of children per node,
 a dict from value to node; no path compression, no cleverness. Every public method validates
 all of its input before changing anything, so a refused call leaves the model unchanged.
@@ -19,19 +26,31 @@ from typing import Hashable, Iterable, Sequence
 
 @dataclass(eq=False)
 class Block:
-    """One cached block: ``block_size`` tokens below ``parent``, mapped to ``value``."""
+    """One cached block: ``block_size`` tokens below ``parent``, held in one page or more.
+
+    ``copies`` maps each physical copy's value to its reference count, oldest copy first;
+    it is empty for a hollow block (see the module docstring).
+    """
 
     tokens: tuple[int, ...]
-    value: Hashable
+    copies: dict[Hashable, int]
     parent: "Block | None"
     children: dict[tuple[int, ...], "Block"] = field(default_factory=dict)
-    refs: int = 0
     # LRU bookkeeping on the model's logical clock. ``used`` is the last time the block was
     # matched or inserted. ``maybe_used`` is the latest time a radix tree may also have
     # refreshed it: a radix node refreshes its whole key before splitting off the matched
     # part, so the unmatched rest of that node counts as touched there.
     used: int = 0
     maybe_used: int = 0
+
+    @property
+    def value(self) -> Hashable:
+        """The copy a lookup returns: the oldest one."""
+        return next(iter(self.copies))
+
+    @property
+    def refs(self) -> int:
+        return sum(self.copies.values())
 
 
 RELAXATIONS = {
@@ -74,7 +93,7 @@ class ReferenceCache:
     @property
     def protected_tokens(self) -> int:
         """Tokens in blocks held by at least one acquire (SGLang's ``protected_size``)."""
-        return sum(1 for b in self._by_value.values() if b.refs > 0) * self.block_size
+        return sum(1 for v, b in self._by_value.items() if b.copies[v]) * self.block_size
 
     @property
     def evictable_tokens(self) -> int:
@@ -84,21 +103,26 @@ class ReferenceCache:
         return list(self._by_value)
 
     def refcount(self, value: Hashable) -> int:
-        return self._block(value, "value").refs
+        return self._block(value, "value").copies[value]
 
     def subtree_values(self, value: Hashable) -> list[Hashable]:
         """``value`` and every value cached below it, parents before children."""
-        return [b.value for b in self._subtree(self._block(value, "value"))]
+        return [v for b in self._subtree(self._block(value, "value")) for v in b.copies]
 
     def evictable_values(self) -> list[Hashable]:
         """Values whose explicit eviction is allowed: nothing in their subtree is in use."""
         return [v for v, b in self._by_value.items() if not any(x.refs for x in self._subtree(b))]
 
+    def unreferenced_values(self) -> list[Hashable]:
+        """Cached copies no request holds: what an engine evicting single copies may take."""
+        return [v for v, b in self._by_value.items() if not b.copies[v]]
+
     def lru_victims(self, num_tokens: int) -> list[Hashable]:
         """What this model evicts for ``evict_lru(num_tokens)``, in eviction order."""
         self._check_count(num_tokens, "num_tokens")
         children_left = {id(b): len(b.children) for b in self._by_value.values()}
-        leaves = [b for b in self._by_value.values() if not b.children and b.refs == 0]
+        leaves = list({id(b): b for b in self._by_value.values()
+                       if not b.children and b.refs == 0}.values())
         victims: list[Hashable] = []
         while leaves and len(victims) * self.block_size < num_tokens:
             leaf = min(leaves, key=lambda b: (b.used, repr(b.value)))
@@ -123,12 +147,14 @@ class ReferenceCache:
         self._touch(path, len(path))
         return len(path) * self.block_size, [b.value for b in path]
 
-    def insert(self, token_ids: Sequence[int], block_values: Sequence[Hashable]) -> int:
+    def insert(self, token_ids: Sequence[int], block_values: Sequence[Hashable],
+               keep_duplicates: bool = False) -> int:
         """Cache the full blocks of ``token_ids`` with one value per full block.
 
         Blocks already cached keep their existing value; the caller's value for such a block is
-        a duplicate that the caller still owns. Returns the number of tokens that were already
-        cached (SGLang's ``InsertResult.prefix_len``).
+        a duplicate that the caller still owns, or with ``keep_duplicates`` a further copy of
+        the block, cached too. Returns the number of tokens that were already cached (SGLang's
+        ``InsertResult.prefix_len``).
         """
         blocks = self._split(token_ids, "token_ids")
         values = list(block_values) if not isinstance(block_values, (str, bytes)) else None
@@ -140,7 +166,9 @@ class ReferenceCache:
                 f"blocks of {self.block_size} tokens"
             )
         path = self._walk(blocks)
-        new_values = values[len(path):]
+        existing = len(path)
+        new_values = values[existing:] + [
+            v for b, v in zip(path, values) if keep_duplicates and v not in b.copies]
         for value in new_values:
             try:
                 hash(value)
@@ -152,48 +180,71 @@ class ReferenceCache:
         if taken:
             raise ValueError(f"block_values {taken[:3]} are already cached under another prefix")
 
-        existing = len(path)
         self._touch(path, existing)
-        parent = path[-1] if path else None
-        for block_tokens, value in zip(blocks[existing:], new_values):
-            block = Block(block_tokens, value, parent, used=self.clock, maybe_used=self.clock)
-            self._children(parent)[block_tokens] = block
+        parent = None
+        for i, (block_tokens, value) in enumerate(zip(blocks, values)):
+            if i < existing:
+                block = path[i]
+                if value in block.copies or not keep_duplicates:
+                    parent = block
+                    continue
+            else:
+                block = self._children(parent).get(block_tokens)
+                if block is None:
+                    block = Block(block_tokens, {}, parent)
+                    self._children(parent)[block_tokens] = block
+                block.used = block.maybe_used = self.clock
+            block.copies[value] = 0
             self._by_value[value] = block
             parent = block
-        return (len(blocks) - len(new_values)) * self.block_size
+        return existing * self.block_size
 
     def evict(self, block_value: Hashable) -> list[Hashable]:
         """Remove ``block_value`` and everything cached below it; returns the removed values."""
         block = self._block(block_value, "block_value")
         doomed = self._subtree(block)
-        busy = [b.value for b in doomed if b.refs]
+        busy = [v for b in doomed for v, refs in b.copies.items() if refs]
         if busy:
             raise ValueError(
                 f"block_value {block_value!r} cannot be evicted: {busy[:3]} in its subtree are "
                 "acquired; release them first"
             )
+        removed = [v for b in doomed for v in b.copies]
         self._remove(doomed)
-        return [b.value for b in doomed]
+        return removed
+
+    def evict_copy(self, value: Hashable) -> None:
+        """Drop one physical copy (an engine reusing its page); blocks below stay cached,
+        reachable again once their block is cached again."""
+        block = self._block(value, "value")
+        if block.copies[value]:
+            raise ValueError(f"value {value!r} cannot be evicted: a running request holds it")
+        del block.copies[value]
+        del self._by_value[value]
+        while block is not None and not block.copies and not block.children:
+            self._children(block.parent).pop(block.tokens)
+            block = block.parent
 
     def acquire(self, values: Iterable[Hashable]) -> None:
         """Pin blocks against eviction (a running request holding its prefix)."""
-        blocks = [self._block(v, "values") for v in list(values)]
-        for block in blocks:
-            block.refs += 1
+        values = list(values)
+        blocks = [self._block(v, "values") for v in values]
+        for value, block in zip(values, blocks):
+            block.copies[value] += 1
 
     def release(self, values: Iterable[Hashable]) -> None:
         """Undo :meth:`acquire`. Releasing more often than acquired is refused."""
         values = list(values)
         blocks = [self._block(v, "values") for v in values]
-        wanted: dict[int, int] = {}
-        for block in blocks:
-            wanted[id(block)] = wanted.get(id(block), 0) + 1
-            if wanted[id(block)] > block.refs:
+        wanted: dict[Hashable, int] = {}
+        for value, block in zip(values, blocks):
+            wanted[value] = wanted.get(value, 0) + 1
+            if wanted[value] > block.copies[value]:
                 raise ValueError(
-                    f"values: {block.value!r} is released more often than it was acquired"
+                    f"values: {value!r} is released more often than it was acquired"
                 )
-        for block in blocks:
-            block.refs -= 1
+        for value, block in zip(values, blocks):
+            block.copies[value] -= 1
 
     def reset(self) -> None:
         """Drop everything, in-use blocks included (SGLang's ``flush_cache``)."""
@@ -206,7 +257,8 @@ class ReferenceCache:
         """Evict least-recently-used unpinned leaves until ``num_tokens`` tokens are freed."""
         victims = self.lru_victims(num_tokens)
         for value in victims:
-            self._remove([self._by_value[value]])
+            if value in self._by_value:
+                self._remove([self._by_value[value]])
         return victims
 
     def apply_lru_eviction(self, freed: Sequence[Hashable], num_tokens: int) -> list[str]:
@@ -271,18 +323,22 @@ class ReferenceCache:
         stack = [(None, key, b) for key, b in self._root_children.items()]
         while stack:
             parent, key, block = stack.pop()
-            assert id(block) not in seen, f"block {block.value!r} reachable twice"
+            name = f"block {list(block.copies)[:2]} at {block.tokens}"
+            assert id(block) not in seen, f"{name} reachable twice"
             seen[id(block)] = block
-            assert block.parent is parent, f"block {block.value!r} has a wrong parent link"
-            assert key == block.tokens, f"block {block.value!r} is filed under a wrong key"
-            assert len(block.tokens) == self.block_size, f"block {block.value!r} is not full"
-            assert block.refs >= 0, f"block {block.value!r} has refcount {block.refs}"
-            assert self._by_value.get(block.value) is block, f"value {block.value!r} not indexed"
-            assert block.used <= block.maybe_used <= self.clock, f"block {block.value!r} clock"
+            assert block.parent is parent, f"{name} has a wrong parent link"
+            assert key == block.tokens, f"{name} is filed under a wrong key"
+            assert len(block.tokens) == self.block_size, f"{name} is not full"
+            assert block.copies or block.children, f"{name} is hollow with nothing below it"
+            for value, refs in block.copies.items():
+                assert refs >= 0, f"{name}: {value!r} has refcount {refs}"
+                assert self._by_value.get(value) is block, f"value {value!r} not indexed"
+            assert block.used <= block.maybe_used <= self.clock, f"{name} clock"
             if parent is not None:
                 assert block.used <= parent.maybe_used, "a block was used but its parent was not"
             stack.extend((block, k, c) for k, c in block.children.items())
-        assert len(seen) == len(self._by_value), "value index holds blocks not in the trie"
+        assert sum(len(b.copies) for b in seen.values()) == len(self._by_value), \
+            "value index holds blocks not in the trie"
 
     # ----------------------------------------------------------------- internals
 
@@ -313,7 +369,7 @@ class ReferenceCache:
         children = self._root_children
         for block_tokens in blocks:
             block = children.get(block_tokens)
-            if block is None:
+            if block is None or not block.copies:
                 break
             path.append(block)
             children = block.children
@@ -353,7 +409,8 @@ class ReferenceCache:
     def _remove(self, blocks: list[Block]) -> None:
         for block in blocks:
             self._children(block.parent).pop(block.tokens, None)
-            del self._by_value[block.value]
+            for value in block.copies:
+                del self._by_value[value]
 
 
 BCRCache = ReferenceCache

@@ -38,12 +38,17 @@ def prompts(pool: list[list[int]], block_size: int, vocab: int = REGULAR_VOCAB
             ) -> SearchStrategy[list[int]]:
     """Mostly a prompt from ``pool``; sometimes one cut short or extended; sometimes an edge case.
 
-    Shrinking moves toward plain pool prompts, so a minimal failing trace reads like traffic.
+    A cut is at a random length or at the prompt's last block boundary: repeats of the latter
+    are fully cached, block-aligned prompts, where a hit cap makes an engine recompute a block
+    into a second copy. Shrinking moves toward plain pool prompts, so a minimal failing trace
+    reads like traffic.
     """
     if not pool:
         raise ValueError("prompts() needs a non-empty pool; build one with build_workload()")
     whole = st.sampled_from(pool)
-    cut = whole.flatmap(lambda p: st.integers(0, len(p)).map(lambda n: p[:n]))
+    cut = whole.flatmap(lambda p: st.one_of(
+        st.integers(0, len(p)).map(lambda n: p[:n]),
+        st.just(p[:len(p) // block_size * block_size])))
     extended = st.builds(lambda p, extra: p + extra, whole,
                          st.lists(st.integers(0, vocab - 1), min_size=1, max_size=block_size + 1))
     edge = edge_case_prompts(block_size, vocab)
