@@ -342,7 +342,10 @@ class Lockstep:
                 shadow.assert_invariants()
             except AssertionError as exc:  # the model is the oracle: this is our own bug
                 raise InvariantViolation("reference model", "assert_invariants", str(exc)) from exc
-            sizes = adapter.sizes()
+            sizes = adapter.sizes() if lane.contract.reports_sizes else None
+            if lane.contract.reports_sizes and sizes is None:
+                raise lane.diverge("sizes", "the contract says it reports evictable/protected "
+                                   "sizes, but it reported none")
             if sizes is not None:
                 want = (shadow.evictable_tokens, shadow.protected_tokens)
                 if (sizes.evictable, sizes.protected) != want:
@@ -376,6 +379,8 @@ class Lockstep:
                 f"model: {want_len} tokens with pages {short(want_pages, at)}; first difference "
                 f"at block {at}" + (f" (hit cap: the last {cap} token(s) of a {len(tokens)}-"
                                     "token prompt never match)" if cap else ""))
+        if lane.lazy and lane.contract.recency == "use":
+            lane.queue.refresh(want_pages)
         lane.stats.lookups += 1
         lane.stats.lookup_tokens += len(tokens)
         lane.stats.hits += want_len > 0
@@ -425,8 +430,9 @@ class Lockstep:
             raise lane.diverge("admission", f"admitted a request needing {need} pages while "
                                f"the model counts {room} free or evictable")
         if contract.matchable == "alloc":
-            existing = shadow.insert(tokens, (matched + new)[:full], keep_duplicates=True) // bs
-            lane.stats.duplicates_kept += max(0, existing - len(matched))
+            kept = contract.duplicates == "kept"
+            existing = shadow.insert(tokens, (matched + new)[:full], keep_duplicates=kept) // bs
+            lane.stats.duplicates_kept += max(0, existing - len(matched)) if kept else 0
             cached = [p for p in new if p in shadow]
             shadow.acquire(cached)
             lane.held.update(p for p in new if p not in shadow)
@@ -522,11 +528,13 @@ class Lockstep:
             lane.shadow.release(h.matched)
 
     def _release_lazy(self, lane: Lane, held: Held) -> None:
-        """A lazy cache ends a request: every page it held is released, tail first, into
-        the free queue (cached ones stay cached, and evictable)."""
+        """A lazy cache ends a request: every page it held is released into the free queue,
+        tail first where its LRU unit is the chain tail (cached ones stay cached and
+        evictable)."""
         lane.adapter.unlock(held.receipt)
         uncached, cached = [], []
-        for page in reversed(held.matched + held.new):
+        table = held.matched + held.new
+        for page in reversed(table) if lane.contract.lru_unit == "chain-tail" else table:
             if page in lane.held:
                 lane.held.discard(page)
                 uncached.append(page)
@@ -562,8 +570,9 @@ class Lockstep:
             except ValueError as exc:
                 raise lane.diverge("eviction", str(exc)) from None
             for name in relaxed:
-                if self.strict_lru:
-                    raise lane.diverge("strict LRU", f"{name}: {RELAXATIONS[name]}")
+                if self.strict_lru or lane.contract.lru_unit == "block":
+                    raise lane.diverge("strict LRU", f"{name}: {RELAXATIONS[name]}" + (
+                        "" if self.strict_lru else " (the contract's LRU unit is a block)"))
                 lane.stats.lru_deviations[name] += 1
                 if name not in lane.stats.witnesses:
                     lane.stats.witnesses[name] = list(self.steps)

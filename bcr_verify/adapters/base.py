@@ -78,15 +78,16 @@ class Contract:
                 raise UsageError(f"contract: {name}={getattr(self, name)!r}; the model "
                                  f"understands {', '.join(map(repr, allowed))}")
         lazy = self.eviction == "lazy"
-        if lazy != (self.recency == "release") or lazy != (self.lru_unit == "chain-tail"):
-            raise UsageError(
-                "contract: eviction='lazy' goes with recency='release' and "
-                "lru_unit='chain-tail' (a free queue in release order), and only with them")
-        if (self.matchable == "alloc") != (self.duplicates == "kept") or \
-                (self.matchable == "alloc") != lazy:
-            raise UsageError(
-                "contract: matchable='alloc' goes with duplicates='kept' and eviction='lazy' "
-                "(blocks cached at allocation stay in their pages), and only with them")
+        lazy_only = [f"{name}={getattr(self, name)!r}" for name, value in (
+            ("recency", "release"), ("matchable", "alloc"), ("duplicates", "kept"),
+            ("tail_page", True), ("lru_unit", "chain-tail")) if getattr(self, name) == value]
+        if not lazy and lazy_only:
+            raise UsageError(f"contract: {', '.join(lazy_only)} needs eviction='lazy' (pages "
+                             "released into a free queue, which the model then predicts)")
+        if lazy and (self.matchable != "alloc" or self.lru_unit == "node"):
+            raise UsageError("contract: eviction='lazy' needs matchable='alloc' and lru_unit "
+                             "'chain-tail' or 'block' (a lazy cache caches a request's blocks "
+                             "as it allocates them, and evicts single pages)")
 
     def differences(self, other: "Contract") -> dict:
         """Options on which ``self`` and ``other`` differ: ``{name: (mine, theirs)}``."""

@@ -86,9 +86,7 @@ class BCRApiAdapter(CacheAdapter):
     def capacity_pages(self) -> int:
         return self.pool.capacity
 
-    def sizes(self) -> Sizes | None:
-        if not self.contract.reports_sizes:
-            return None
+    def sizes(self) -> Sizes:
         return Sizes(evictable=self.cache.evictable_tokens, protected=self.cache.protected_tokens)
 
     def check_invariants(self) -> None:

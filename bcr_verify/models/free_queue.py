@@ -9,7 +9,8 @@ queue's order, and that order is the cache's LRU policy:
 * a released page that holds no cached block goes to the front (reused first: it costs no
   cache hit), a released cached page to the back (reused last, in release order, so the
   least recently released block is evicted first);
-* a hit on a cached page no request holds takes it out of the queue wherever it is;
+* a hit on a cached page no request holds takes it out of the queue wherever it is; where a
+  lookup counts as a use, a lookup moves its pages to the back;
 * uncaching a page (an explicit eviction, a flush) leaves it where it is.
 
 The machine checks every allocation against :meth:`take`, and the cache's own free count
@@ -46,6 +47,12 @@ class FreeQueue:
         """A request hit these pages: they leave the queue."""
         for page in pages:
             del self._order[page]
+
+    def refresh(self, pages: Iterable[int]) -> None:
+        """A lookup refreshed these pages (caches whose recency is ``"use"``): to the back."""
+        for page in pages:
+            if page in self._order:
+                self._order.move_to_end(page)
 
     def release(self, uncached: list[int], cached: list[int]) -> None:
         """Pages one request released, each list in release order."""
