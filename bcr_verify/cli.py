@@ -83,7 +83,8 @@ def add_impl_args(parser: argparse.ArgumentParser, faults: bool = True) -> None:
     timeout and supervision options of commands that report hangs and crashes."""
     parser.add_argument("--impl", action="append", dest="impls", metavar="NAME",
                         help="an implementation from `bcr-verify impls`, or module:attr naming a "
-                             "factory that takes the block size; repeat for several "
+                             "factory that takes a bcr_verify.adapters.CacheSpec (block size and "
+                             "capacity) or the block size; repeat for several "
                              "(default: every available one)")
     parser.add_argument("--block-size", type=_positive_int("--block-size"), default=16,
                         help="tokens per block / page (default 16; 1 = token granularity)")

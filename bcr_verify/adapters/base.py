@@ -95,6 +95,17 @@ class Contract:
                 if getattr(self, name) != getattr(other, name)}
 
 
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a factory is told about the cache to build, so that no adapter has to reach
+    into bcr_verify to size its pool: a factory whose parameter is annotated ``CacheSpec``
+    (or named ``spec``) gets one; one taking the block size alone (BCR's constructor) gets an
+    int. ``bcr-verify replay`` passes the trace's own capacity through."""
+
+    block_size: int
+    capacity_pages: int
+
+
 @dataclass
 class Match:
     """A prefix lookup: ``length`` tokens matched, the pages behind them, and a lock handle."""

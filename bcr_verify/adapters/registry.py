@@ -1,20 +1,23 @@
 """Implementations by name: the built-in ones, entry points, and any ``module:attr`` factory.
 
 A ``module:attr`` (or entry point in the ``bcr_verify.adapters`` group) names a factory that
-takes the block size and returns either a :class:`CacheAdapter` or an object with
-BCR-memory-2's API, which is then driven through :class:`BCRApiAdapter` (LRU eviction if it
-has ``evict_lru``, explicit eviction by value otherwise).
+takes a :class:`~bcr_verify.adapters.CacheSpec` (block size and pool capacity; a parameter
+annotated so, or named ``spec``) or just the block size, and returns either a
+:class:`CacheAdapter` or an object with BCR-memory-2's API, which is then driven through
+:class:`BCRApiAdapter` (LRU eviction if it has ``evict_lru``, explicit eviction by value
+otherwise).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Callable
 
-from bcr_verify.adapters.base import CacheAdapter
+from bcr_verify.adapters.base import CacheAdapter, CacheSpec
 from bcr_verify.adapters.bcr_api import BCRApiAdapter
 from bcr_verify.errors import AdapterUnavailable, SetupError, UsageError
 from bcr_verify.models.reference import ReferenceCache
@@ -133,7 +136,8 @@ DEFAULT = ["reference", "bcr", "sglang-radix", "sglang-unified-py", "sglang-unif
 
 
 def from_factory(spec: str, name: str | None = None) -> Implementation:
-    """An implementation from ``module:attr`` naming a factory that takes the block size."""
+    """An implementation from ``module:attr`` naming a factory that takes a
+    :class:`CacheSpec` or the block size."""
     name = name or spec
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -147,12 +151,13 @@ def from_factory(spec: str, name: str | None = None) -> Implementation:
         if not callable(factory):
             raise SetupError(f"impl {spec!r}: {attr} is a {type(factory).__name__}, not a "
                              "factory; name a callable taking the block size")
+        argument = CacheSpec(block_size, capacity) if wants_spec(factory) else block_size
         try:
-            made = factory(block_size)
+            made = factory(argument)
         except Exception as exc:  # noqa: BLE001 - any failure to build is the factory's
             raise SetupError(f"impl {spec!r}: the factory raised {type(exc).__name__}: {exc} "
-                             f"when called as {attr}({block_size}); it must take the block "
-                             "size and return a cache") from exc
+                             f"when called as {attr}({argument!r}); it must take a CacheSpec "
+                             "(or the block size) and return a cache") from exc
         if isinstance(made, CacheAdapter):
             return made
         missing = [m for m in BCR_API if not callable(getattr(made, m, None))]
@@ -165,6 +170,17 @@ def from_factory(spec: str, name: str | None = None) -> Implementation:
         return BCRApiAdapter(name, factory, block_size, capacity, eviction=eviction)
 
     return Implementation(name, f"factory {spec}", build, module_name)
+
+
+def wants_spec(factory) -> bool:
+    """Whether ``factory``'s first parameter takes a :class:`CacheSpec` (annotated so, or
+    named ``spec``) rather than the block size."""
+    try:
+        first = next(iter(inspect.signature(factory).parameters.values()), None)
+    except (TypeError, ValueError):  # a builtin or extension type: BCR's constructor
+        return False
+    return first is not None and (first.name == "spec" or first.annotation in
+                                  (CacheSpec, "CacheSpec"))
 
 
 def _entry_points() -> dict[str, Implementation]:

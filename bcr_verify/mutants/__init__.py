@@ -1,4 +1,5 @@
-"""Bug-finding scorecard: realistic bugs planted in SGLang's cache and in a BCR-like cache.
+"""Bug-finding scorecard: realistic bugs planted in SGLang's and vLLM's caches and in a BCR-like
+cache.
 
 Each mutant is a small, documented variant (see ``docs/mutants.md``) usable as ``--impl
 bcr_verify.mutants.<module>:<factory>``. ``bcr-verify mutants`` runs each one alone under the
@@ -28,6 +29,7 @@ class Mutant:
 
 R = "bcr_verify.mutants.radix:"
 B = "bcr_verify.mutants.blockhash:"
+V = "bcr_verify.mutants.vllm:"
 
 MUTANTS: list[Mutant] = [
     Mutant("v1-state-leak", B + "state_leak", "BCR v1: state never reclaimed on evict",
@@ -62,6 +64,17 @@ MUTANTS: list[Mutant] = [
            "pages", workload="disjoint", kv_replay=True),
     Mutant("lru-after-split", R + "lru_after_split", "LRU order wrong after a split",
            "the lower half of a split gets its creation time back, losing its later uses"),
+    Mutant("vllm-hit-unreferenced", V + "hit_unreferenced",
+           "vLLM: a block freed while a request still references it",
+           "BlockPool.touch takes no reference on a block another request holds"),
+    Mutant("vllm-content-hash", V + "content_hash", "vLLM: a block hash that ignores the parent",
+           "block hashes of the block's own tokens, not chained to the parent's hash"),
+    Mutant("vllm-reuse-order", V + "wrong_reuse_order",
+           "vLLM: the free queue reuses in the wrong order",
+           "a request's blocks are freed head first, so a shared prefix goes before its tail"),
+    Mutant("vllm-refcount-off-by-one", V + "refcount_off_by_one",
+           "vLLM: a reference count off by one",
+           "a prefix hit takes two references; the request gives back one"),
 ]
 
 

@@ -1,25 +1,19 @@
 """Mutants of SGLang's ``RadixCache``: each is the real cache with one method changed the way a
-shipped bug changed it. Every factory takes the block size (``module:attr`` usable as --impl).
+shipped bug changed it. Every factory takes a CacheSpec (``module:attr`` usable as --impl).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from bcr_verify.adapters.base import CacheSpec
 
 
-@lru_cache(maxsize=None)
-def _capacity(workload: str, block_size: int) -> int:
-    from bcr_verify.session import prompt_source
-    return prompt_source(workload, block_size).capacity_pages
-
-
-def radix_mutant(patch, workload: str = "mixed", capacity_pages: int | None = None,
-                 prefix: str = "mutant"):
+def radix_mutant(patch, capacity_pages: int | None = None, prefix: str = "mutant"):
     """A factory for an ``sglang-radix`` adapter whose cache has ``patch(cache, adapter)``.
 
-    The pool is sized from ``workload`` unless ``capacity_pages`` is given.
+    The pool is the run's own (the :class:`~bcr_verify.adapters.CacheSpec`) unless
+    ``capacity_pages`` is given.
     """
-    def factory(block_size):
+    def factory(spec: CacheSpec):
         from bcr_verify.adapters.sglang import SGLangAdapter
 
         class Mutant(SGLangAdapter):
@@ -28,8 +22,7 @@ def radix_mutant(patch, workload: str = "mixed", capacity_pages: int | None = No
                 patch(cache, self)
                 return cache
 
-        capacity = capacity_pages or _capacity(workload, block_size)
-        adapter = Mutant("radix", block_size, capacity)
+        adapter = Mutant("radix", spec.block_size, capacity_pages or spec.capacity_pages)
         adapter.name = f"{prefix}-{patch.__name__.replace('_', '-')}"
         return adapter
     factory.__doc__ = patch.__doc__
