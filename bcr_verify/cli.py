@@ -122,9 +122,13 @@ def cmd_impls(args) -> int:
         why = impl.availability()
         rows.append({"name": name, "available": why is None, "reason": why,
                      "description": impl.description, "version": impl.version(),
-                     "notes": impl.notes() if why is None else {}})
+                     "notes": impl.notes() if why is None else {},
+                     "contract": impl.contract() if why is None else None})
     if args.json:
         print(json.dumps(rows, indent=2))
+        return 0
+    if args.contracts:
+        print(contracts_table(rows))
         return 0
     for row in rows:
         state = "available" if row["available"] else "unavailable"
@@ -140,6 +144,25 @@ def cmd_impls(args) -> int:
         if row["reason"]:
             print(f"{'':<22} {'':<12} why: {row['reason']}")
     return 0
+
+
+def contracts_table(rows: list[dict]) -> str:
+    """Each available implementation's declared contract: one column per implementation."""
+    from bcr_verify.adapters import OPTIONS
+
+    shown = [r for r in rows if r["contract"]]
+    width = max([len(name) for name in OPTIONS] + [0]) + 2
+    cols = [max(len(r["name"]), 10) + 2 for r in shown]
+    lines = ["".ljust(width) + "".join(r["name"].rjust(w) for r, w in zip(shown, cols))]
+    for option in OPTIONS:
+        lines.append(option.ljust(width) + "".join(
+            str(r["contract"][option]).rjust(w) for r, w in zip(shown, cols)))
+    lines.append("(what each option means: `python -c 'import bcr_verify.adapters as a; "
+                 "help(a.Contract)'`, or docs/contracts.md)")
+    missing = [r["name"] for r in rows if not r["contract"]]
+    if missing:
+        lines.append(f"not available here, so not shown: {', '.join(missing)}")
+    return "\n".join(lines)
 
 
 def cmd_tokenizer(args) -> int:
@@ -429,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("impls", help="list implementations, available or not and why")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--workloads", action="store_true", help="list workload families instead")
+    p.add_argument("--contracts", action="store_true",
+                   help="show each implementation's declared contract: the options the model "
+                        "judges it by (when blocks become matchable, hit cap, duplicates, ...)")
     p.set_defaults(func=cmd_impls)
 
     p = sub.add_parser("tokenizer", help="the real tokenizer in use, and how often BPE breaks "

@@ -88,6 +88,8 @@ class BcrOptions:
     profile: str = "default"
     seed: object = None
     soak_reports: list[str] = field(default_factory=list)
+    """Lines for the terminal summary: each lockstep test's coverage (hits, evictions, and
+    why a pass may be vacuous), soak rounds, known failures."""
 
     @property
     def soak_budget_s(self) -> float | None:
@@ -218,7 +220,7 @@ def pytest_generate_tests(metafunc):
 def pytest_terminal_summary(terminalreporter):
     opts = current_options()
     if opts.soak_reports:
-        terminalreporter.section("bcr-verify soak / known failures")
+        terminalreporter.section("bcr-verify lockstep coverage, soak, known failures")
         for line in opts.soak_reports:
             terminalreporter.write_line(line)
 

@@ -259,9 +259,10 @@ def growth_verdict(samples: list[dict], capacity_pages: int | None = None) -> di
     drift is slope × operations in that window. RSS is "growing" when its fitted drift exceeds
     ``max(RSS_DRIFT_MB, RSS_DRIFT_FRACTION × RSS)``; a count (live nodes per lane, Python
     objects) when its drift exceeds ``COUNT_DRIFT_FRACTION`` × its mean + 2, and a lane's
-    live nodes / blocks when theirs exceeds half the pool (``2 × COUNT_DRIFT_FRACTION ×
-    capacity_pages``): those swing between empty and full with flushes, a leak keeps climbing. Bounded caches
-    churning at steady state give near-zero slopes; a leak gives a steady positive one.
+    live nodes / blocks when theirs exceeds the whole pool (``capacity_pages``): those swing
+    between empty and full with flushes, and a short run may only fill the pool once, while a
+    leak keeps climbing past it. Bounded caches churning at steady state give near-zero
+    slopes; a leak gives a steady positive one.
     """
     if len(samples) < 4:
         return {"verdict": "too few samples", "series": {}}
@@ -285,7 +286,7 @@ def growth_verdict(samples: list[dict], capacity_pages: int | None = None) -> di
         elif key == "gc_objects" or not capacity_pages:
             limit = COUNT_DRIFT_FRACTION * mean + 2
         else:  # a lane's nodes / blocks: bounded by the pool, so churn swings up to it
-            limit = COUNT_DRIFT_FRACTION * 2 * capacity_pages
+            limit = capacity_pages
         out[key] = {"slope_per_million_ops": round(slope * 1e6, 4),
                     "fitted_drift": round(drift, 3), "limit": round(limit, 3),
                     "first": ys[0], "last": ys[-1], "mean": round(mean, 2),

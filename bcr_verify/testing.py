@@ -133,8 +133,11 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
     from hypothesis import HealthCheck, seed as hseed
     from hypothesis.stateful import get_state_machine_test
 
+    from bcr_verify.session import TOTALS
+
     machine = _machine_class(implementations, block_size, workload, kv_replay, capacity_pages,
                              op_timeout, known)
+    TOTALS.reset()
     start = time.monotonic()
     profile_max = Settings().max_examples
     rounds = 0
@@ -177,7 +180,8 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
         path = hit["witness"].save(corpus) if corpus is not None else None
         found[check] = {"count": hit["count"], "trace": str(path) if path else None}
     return {"rounds": rounds, "examples": machine.examples,
-            "seconds": round(time.monotonic() - start, 1), "known": found}
+            "seconds": round(time.monotonic() - start, 1), "known": found,
+            "totals": TOTALS.as_dict()}
 
 
 def lockstep_seed(given) -> int:
@@ -257,30 +261,35 @@ class PrefixCacheConformance:
         return f"{module}:{name}"
 
     @classmethod
-    def build_cache(cls, block_size: int):
-        from bcr_verify.adapters.registry import resolve
+    def build_cache(cls, block_size: int, capacity_pages: int | None = None):
+        """The cache under test, its factory given a CacheSpec if it takes one."""
+        from bcr_verify.adapters.base import CacheSpec
+        from bcr_verify.adapters.registry import resolve, wants_spec
+        capacity = capacity_pages or cls.capacity_pages or 64
         factory = cls.__dict__.get("make_cache") or cls.make_cache
         factory = getattr(factory, "__func__", factory)
-        if factory is not None:
-            return factory(block_size)
-        spec = cls.implementation_spec()
-        if ":" in spec:
+        if factory is None:
+            spec = cls.implementation_spec()
+            if ":" not in spec:
+                return resolve(spec).build(block_size, capacity)
             module, _, attr = spec.partition(":")
             import importlib
-            return getattr(importlib.import_module(module), attr)(block_size)
-        return resolve(spec).build(block_size, cls.capacity_pages or 64)
+            factory = getattr(importlib.import_module(module), attr)
+        return factory(CacheSpec(block_size, capacity) if wants_spec(factory) else block_size)
 
-    def _bcr_cache(self, block_size: int):
-        """The BCR-API object under test (contract tests need the raw cache, not an adapter)."""
+    def _bcr_cache(self, block_size: int, capacity_pages: int | None = None):
+        """The BCR-API object under test, or None when it is a CacheAdapter (whose contract
+        tests then drive it through :meth:`_lockstep`)."""
         from bcr_verify.adapters.base import CacheAdapter
-        cache = self.build_cache(block_size)
-        if isinstance(cache, CacheAdapter):
-            inner = getattr(cache, "cache", None)
-            if inner is None or not hasattr(inner, "match_prefix"):
-                pytest.skip(f"{cache.name} is a CacheAdapter without a BCR-API .cache; the "
-                            "contract tests drive BCR-API caches (lockstep covers it)")
-            return inner
-        return cache
+        cache = self.build_cache(block_size, capacity_pages)
+        return None if isinstance(cache, CacheAdapter) else cache
+
+    def _lockstep(self, block_size: int, capacity_pages: int):
+        """The CacheAdapter under test alone in a lockstep: every call it answers is judged
+        by the model under its contract; invariants run when the test asks (``check()``)."""
+        from bcr_verify.lockstep import Lockstep
+        return Lockstep([self.build_cache(block_size, capacity_pages)], check_every=0,
+                        op_timeout=None)
 
     # ------------------------------------------------------------ lockstep
 
@@ -297,6 +306,15 @@ class PrefixCacheConformance:
             kv_replay=bool(opts.kv_replay), corpus=opts.corpus, soak_budget_s=budget,
             seed=seed, capacity_pages=self.capacity_pages, label=request.node.nodeid,
             op_timeout=opts.op_timeout, known=known)
+        from bcr_verify.session import vacuity_warnings
+        totals = result["totals"]
+        coverage = "; ".join(f"{name} {s.get('hits', 0)} hits, {s.get('evictions', 0)} "
+                             f"evictions, {s.get('refused', 0)} refused"
+                             for name, s in totals["implementations"].items())
+        opts.soak_reports.append(f"{request.node.nodeid}: {totals['steps']} steps; {coverage}")
+        for warning in vacuity_warnings(totals, {}):
+            opts.soak_reports.append(f"{request.node.nodeid}: WARNING (pass may be vacuous): "
+                                     f"{warning}")
         for check, found in result["known"].items():
             opts.soak_reports.append(f"{request.node.nodeid}: known failure {check!r} hit "
                                      f"{found['count']} times; witness {found['trace']}")
@@ -316,6 +334,13 @@ class PrefixCacheConformance:
         cache = self._bcr_cache(bs)
         next_value = iter(range(1, 10**9))
 
+        def churn_adapter(round_):
+            for tokens in _distinct_prompts(16, 6, bs, offset=round_ * 16):
+                lockstep.finish(lockstep.begin(tokens))
+            lockstep.reset()  # the cache's own flush, judged: empty, every page free
+            lockstep.check()
+            lockstep.forget_steps()
+
         def churn(round_):
             values = []
             for tokens in _distinct_prompts(16, 6, bs, offset=round_ * 16):
@@ -328,17 +353,20 @@ class PrefixCacheConformance:
             if hasattr(cache, "__len__"):
                 assert len(cache) == 0, f"{len(cache)} blocks left after evicting everything"
 
+        if cache is None:
+            lockstep = self._lockstep(bs, 16 * 7 + 8)
+        step = churn if cache is not None else churn_adapter
         for r in range(5):  # warm up: interned ints, dict resizes, caches
-            churn(r)
+            step(r)
         gc.collect()
         tracemalloc.start()
         try:
             for r in range(5, 5 + self.churn_rounds // 2):
-                churn(r)
+                step(r)
             gc.collect()
             mid = tracemalloc.get_traced_memory()[0]
             for r in range(5 + self.churn_rounds // 2, 5 + self.churn_rounds):
-                churn(r)
+                step(r)
             gc.collect()
             end = tracemalloc.get_traced_memory()[0]
         finally:
@@ -358,9 +386,17 @@ class PrefixCacheConformance:
             assert len(hashes) == count * blocks_per_prompt, (
                 f"{count * blocks_per_prompt - len(hashes)} collisions among "
                 f"{count * blocks_per_prompt} distinct blocks")
-        cache = self._bcr_cache(bs)
-        value = 0
         prompts = list(_distinct_prompts(count, blocks_per_prompt, bs))
+        cache = self._bcr_cache(bs, len(prompts) * (blocks_per_prompt + 1) + 8)
+        if cache is None:  # each lookup is judged by the model: a collision is a divergence
+            lockstep = self._lockstep(bs, len(prompts) * (blocks_per_prompt + 1) + 8)
+            for tokens in prompts:
+                lockstep.finish(lockstep.begin(tokens))
+            for tokens in prompts:
+                lockstep.match(tokens)
+            lockstep.check()
+            return
+        value = 0
         for tokens in prompts:
             vals = list(range(value, value + blocks_per_prompt))
             value += blocks_per_prompt
@@ -379,18 +415,24 @@ class PrefixCacheConformance:
         small, large = self.fanout
 
         def build(fanout):
-            cache = self._bcr_cache(bs)
             stem = [5] * bs * 4
+            probe = stem + [10_000 + fanout // 2] * bs
+            cache = self._bcr_cache(bs, 5 * fanout + 8)
+            if cache is None:
+                lockstep = self._lockstep(bs, 5 * fanout + 8)
+                for i in range(fanout):
+                    lockstep.finish(lockstep.begin(stem + [10_000 + i] * bs))
+                return lockstep.lanes[0].adapter.match, probe
             value = 0
             for i in range(fanout):
                 cache.insert(stem + [10_000 + i] * bs, list(range(value, value + 5)))
                 value += 5
-            return cache, stem + [10_000 + fanout // 2] * bs
+            return cache.match_prefix, probe
 
-        def timed(cache, probe):
+        def timed(match, probe):
             t0 = time.perf_counter()
             for _ in range(200):
-                cache.match_prefix(probe)
+                match(probe)
             return time.perf_counter() - t0
 
         # Both trees first, then alternating rounds: load on a shared machine hits both alike.
@@ -404,7 +446,10 @@ class PrefixCacheConformance:
 
     def test_single_writer(self):
         bs = 4
-        cache = SingleWriter(self._bcr_cache(bs))
+        raw = self._bcr_cache(bs, self.writer_threads * 60 * 4 + 8)
+        if raw is None:
+            return self._single_writer_adapter(bs)
+        cache = SingleWriter(raw)
         errors: list[BaseException] = []
 
         def writer(t):
@@ -439,6 +484,32 @@ class PrefixCacheConformance:
             want = self.writer_threads * (30 * 3 + 30 * 1)
             assert len(cache) == want, f"{len(cache)} blocks cached, expected {want}"
 
+    def _single_writer_adapter(self, bs: int) -> None:
+        """Threads take turns through one lock (a cache bound to the thread that made it, or
+        keeping per-thread state, fails here); each thread's lookups are judged by the model."""
+        lockstep = SingleWriter(self._lockstep(bs, self.writer_threads * 60 * 4 + 8))
+        errors: list[BaseException] = []
+
+        def writer(t):
+            try:
+                prompts = list(_distinct_prompts(60, 3, bs, offset=t * 1000))
+                for tokens in prompts:
+                    lockstep.finish(lockstep.begin(tokens))
+                    lockstep.match(tokens)
+                for tokens in prompts:
+                    lockstep.match(tokens)
+            except BaseException as exc:  # re-raised in the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(self.writer_threads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+        lockstep.check()
+
     def test_reentrant_mutation_refused(self):
         hook = type(self).__dict__.get("install_mutation_callback") or self.install_mutation_callback
         if hook is None:
@@ -447,6 +518,9 @@ class PrefixCacheConformance:
         hook = getattr(hook, "__func__", hook)
         bs = 4
         cache = self._bcr_cache(bs)
+        if cache is None:
+            pytest.skip("install_mutation_callback is declared for caches with BCR's API; a "
+                        "CacheAdapter's mutations are its cache's own")
         outcome: list[object] = []
         entered = []
 

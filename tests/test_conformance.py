@@ -21,6 +21,20 @@ class TestReferenceConformance(PrefixCacheConformance):
     block_sizes = (4, 16)
 
 
+class TestSGLangRadixConformance(PrefixCacheConformance):
+    """The whole suite on a CacheAdapter (SGLang's real RadixCache and allocator)."""
+
+    implementation = "sglang-radix"
+    hash_blocks = 20_000
+
+
+class TestVLLMConformance(PrefixCacheConformance):
+    """The whole suite on vLLM's KVCacheManager, a cache with a contract unlike SGLang's."""
+
+    implementation = "vllm-apc"
+    hash_blocks = 20_000
+
+
 # ---------------------------------------------------------------- caches with planted bugs
 
 class Leaky(ReferenceCache):
@@ -153,3 +167,38 @@ def test_lockstep_failure_trace_is_saved_before_the_error_propagates(tmp_path, d
     assert replay(trace)[0] is not None
     assert replay(trace, implementations=[
         "reference", "bcr_verify.models.reference:ReferenceCache"])[0] is None
+
+
+def test_adapter_path_catches_a_content_only_hash():
+    """Through a CacheAdapter the collision check is the model's: vLLM hashing blocks by their
+    own tokens matches someone else's blocks."""
+    from bcr_verify.errors import Divergence
+    case = type("TestContentHash", (PrefixCacheConformance,),
+                {"implementation": "bcr_verify.mutants.vllm:content_hash", "hash_blocks": 200})()
+    with pytest.raises(Divergence, match="match"):
+        case.test_block_hash_collisions()
+
+
+class LeakyReset(ReferenceCache):
+    """Keeps every block it ever held in a side list, even across its own reset()."""
+
+    def __init__(self, block_size=16):
+        super().__init__(block_size)
+        self.history = []
+
+    def reset(self):
+        self.history.extend(self._by_value.values())
+        super().reset()
+
+
+def make_leaky_adapter(spec):
+    from bcr_verify.adapters import BCRApiAdapter
+    return BCRApiAdapter("leaky-reset", LeakyReset, spec.block_size, spec.capacity_pages,
+                         eviction="lru")
+
+
+def test_adapter_path_catches_a_leak_across_the_caches_own_reset():
+    case = type("TestLeakyReset", (PrefixCacheConformance,),
+                {"make_cache": staticmethod(make_leaky_adapter)})()
+    with pytest.raises(AssertionError, match="leaking"):
+        case.test_bounded_state_under_churn()

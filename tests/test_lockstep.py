@@ -86,7 +86,7 @@ def test_bcr_is_reported_unavailable_with_the_reason():
 
 def test_default_selection_reports_what_it_skipped_and_named_ones_must_exist():
     chosen, not_run = select_implementations(None, 16)
-    assert chosen == ["reference", *SGLANG]
+    assert chosen == ["reference", *SGLANG, "vllm-apc"]
     assert set(not_run) == {"bcr"}
     with pytest.raises(ValueError, match="impl 'bcr' is unavailable"):
         select_implementations(["bcr"], 16)

@@ -27,7 +27,9 @@ def test_correct_blockhash_cache_passes():
     assert r["ok"], r["failure"]
 
 
-@pytest.mark.parametrize("name", ["v1-no-writer-guard", "page-units", "lock-parent"])
+@pytest.mark.parametrize("name", ["v1-no-writer-guard", "page-units", "lock-parent",
+                                  "vllm-hit-unreferenced", "vllm-content-hash",
+                                  "vllm-reuse-order", "vllm-refcount-off-by-one"])
 def test_representative_mutants_are_caught(name, tmp_path):
     mutant = next(m for m in MUTANTS if m.name == name)
     row = score(mutant, seconds=60, trace_dir=str(tmp_path), ddmin_seconds=15)

@@ -34,9 +34,9 @@ def test_installed_release_translations():
 
 
 def test_stand_in_only_for_a_missing_cuda_package(tmp_path, monkeypatch):
-    (tmp_path / "needs_vllm.py").write_text(textwrap.dedent("""
-        from vllm import _custom_ops as ops
-        from vllm.scalar_type import scalar_types
+    (tmp_path / "needs_deep_gemm.py").write_text(textwrap.dedent("""
+        from deep_gemm import _custom_ops as ops
+        from deep_gemm.scalar_type import scalar_types
         WIDTH = scalar_types.uint4b8
 
         @ops.register
@@ -47,13 +47,13 @@ def test_stand_in_only_for_a_missing_cuda_package(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     before = list(sys.meta_path)
     try:
-        module, used = standins.import_with_standins("needs_vllm")
+        module, used = standins.import_with_standins("needs_deep_gemm")
         assert module.kept() == 42  # a stand-in used as a decorator leaves the function
-        assert used == [{"package": "vllm",
-                         "names": ["vllm._custom_ops", "vllm.scalar_type.scalar_types"]}]
+        assert used == [{"package": "deep_gemm",
+                         "names": ["deep_gemm._custom_ops", "deep_gemm.scalar_type.scalar_types"]}]
         with pytest.raises(ModuleNotFoundError):
             standins.import_with_standins("needs_other")
     finally:
         sys.meta_path[:] = before
-        for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "needs_vllm")]:
+        for name in [n for n in sys.modules if n.split(".")[0] in ("deep_gemm", "needs_deep_gemm")]:
             del sys.modules[name]

@@ -102,5 +102,11 @@ class BCRApiAdapter(CacheAdapter):
                     f"pages {free_but_cached[:5]} are cached and also in the free pool")
 
     def reset(self) -> None:
-        self.cache = self._factory(self._block_size)
+        """The cache's own ``reset()`` where it has one (judged like every other call: the
+        model and the pool must be empty after it); BCR's documented API has none, so a
+        cache without one is rebuilt."""
+        if callable(getattr(self.cache, "reset", None)):
+            self.cache.reset()
+        else:
+            self.cache = self._factory(self._block_size)
         self.pool.reset()

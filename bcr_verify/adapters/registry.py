@@ -54,6 +54,13 @@ class Implementation:
         except (AdapterUnavailable, SetupError):
             return {}
 
+    def contract(self, block_size: int = 16) -> dict | None:
+        """The contract the built implementation declares, or None where it cannot be built."""
+        try:
+            return dict(vars(self.build(block_size, 8).contract))
+        except (AdapterUnavailable, SetupError):
+            return None
+
     def version(self) -> str:
         """``package==version``, as recorded in reports and traces."""
         return package_version(self.package)
