@@ -187,7 +187,8 @@ def cmd_run(args) -> int:
         implementations=args.impls, block_size=args.block_size, seed=args.seed,
         max_steps=None if args.minutes else args.max_steps, minutes=args.minutes,
         workload=args.workload, kv_replay=args.kv_replay, trace_dir=args.trace_dir,
-        op_timeout=args.op_timeout, known=tuple(args.known or ()), strict_lru=args.strict_lru)
+        op_timeout=args.op_timeout, known=tuple(args.known or ()), strict_lru=args.strict_lru,
+        events=args.events)
     show = None if args.quiet else progress_printer()
     result = run(config, progress=show)
     if show:
@@ -228,6 +229,16 @@ def print_report(report: dict) -> None:
               "(where their contracts agree on the result)")
     if "kv_replay" in report:
         print(f"kv replay: {report['kv_replay']}")
+    events = report.get("events")
+    if events:
+        for name, c in events.get("lanes", {}).items():
+            print(f"events {name}: {c.get('blocks_stored', 0)} blocks stored, "
+                  f"{c.get('blocks_removed', 0)} removed, {c.get('cleared', 0)} flushes, "
+                  f"{c.get('extra_copies_stored', 0)} extra copies; every one checked, and "
+                  f"{c.get('index_checks', 0)} index / {c.get('dynamo_checks', 0)} Dynamo "
+                  "lookups agreed")
+        if events.get("no_event_stream"):
+            print(f"events: no stream from {', '.join(events['no_event_stream'])}")
     for name, stats in report["implementations"].items():
         notes = stats.get("notes") or {}
         if notes.get("generation"):
@@ -387,7 +398,7 @@ def side_by_side(trace, implementations=None, op_timeout=None) -> tuple[str, obj
     replayed = build_lockstep(names, trace.block_size, trace.capacity_pages,
                               kv_replay=trace.kv_replay,
                               op_timeout=op_timeout or DEFAULT_OP_TIMEOUT,
-                              strict_lru=trace.strict_lru)
+                              strict_lru=trace.strict_lru, events=trace.events)
     seen: dict[str, tuple[int, list[int]]] = {}
     for lane in replayed.lanes:
         def spy(tokens, _match=lane.adapter.match, _name=lane.name):
@@ -486,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "under a relaxation the model accepts for radix trees (whole-node "
                         "over-eviction, split refresh) fails the run; by default each is "
                         "counted, with a witness trace")
+    p.add_argument("--events", action="store_true",
+                   help="check every KV-cache event of the implementations that publish them "
+                        "(SGLang's caches from 0.4.8, vLLM): each against the model, and "
+                        "replayed into a refcounting index and Dynamo's RadixTree that must "
+                        "agree with the cache (docs/events.md)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_run, supervise=True)
 

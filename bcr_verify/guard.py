@@ -35,7 +35,7 @@ DEFAULT_OP_TIMEOUT = 10.0
 loaded CI machine and a slow first call, and still ends a hang within a CI job."""
 
 METHODS = ("match", "lock", "admit", "unlock", "insert", "evict_tokens", "evict_value", "alloc",
-           "free", "available_pages", "sizes", "check_invariants", "reset")
+           "free", "available_pages", "sizes", "take_events", "check_invariants", "reset")
 """The adapter calls the engine makes; their index is what the beacon stores."""
 
 LANE, METHOD, STEP, ENTERED, DONE = range(5)

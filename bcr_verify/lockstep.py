@@ -133,11 +133,18 @@ class Lane:
 
 
 class Observer:
-    """Hooks into every lane's request path; :mod:`bcr_verify.kv_replay` is one.
+    """Hooks into every lane's request path; :mod:`bcr_verify.kv_replay` and
+    :mod:`bcr_verify.events` are two.
 
     ``on_begin`` sees each lane's locked, matched pages and the fresh pages for the rest of
-    the prompt, as an engine's forward pass would; it may raise a :class:`Divergence`.
+    the prompt, as an engine's forward pass would; any hook may raise a :class:`Divergence`.
     """
+
+    def attach(self, lanes: list) -> None:
+        """Called once the lanes exist, before any step."""
+
+    def after_step(self, op: str, args: dict) -> None:
+        """Called after every step has run in every lane, before the invariants."""
 
     def on_begin(self, lane: str, tokens: list[int], matched: list[int], new: list[int]) -> None:
         """Called once per lane when a request has its prefix locked and its pages allocated."""
@@ -207,6 +214,8 @@ class Lockstep:
         self.steps: list[dict] = []
         self.forgotten = 0
         """Steps dropped from the record by :meth:`forget_steps` (still counted as executed)."""
+        for observer in self.observers:
+            observer.attach(self.lanes)
         self.checks = 0
         self.rejected = 0
         self.cross_checks = 0
@@ -326,6 +335,8 @@ class Lockstep:
             self.journal.step(op, args)
         try:
             result = run()
+            for observer in self.observers:
+                observer.after_step(op, args)
             if self.check_every and index % self.check_every == 0:
                 self.check()
         except (VerificationFailure, FatalFinding) as failure:

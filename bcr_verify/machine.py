@@ -47,6 +47,8 @@ class LockstepMachine(RuleBasedStateMachine):
     """Shared by every example of a run: caps the steps searched, counts the steps shrunk."""
     strict_lru: bool = False
     """An eviction legal only under a relaxation of strict LRU is a divergence."""
+    events: bool = False
+    """Every lane that publishes KV-cache events is checked by :mod:`bcr_verify.events`."""
     known: tuple[str, ...] = ()
     """Checks already known to fail: a hit is counted (``known_found``) and ends the example
     quietly, so the search goes on for other findings."""
@@ -78,14 +80,15 @@ class LockstepMachine(RuleBasedStateMachine):
             TOTALS.add(self.lockstep, example=False)
         self.lockstep = build_lockstep(self.implementations, self.block_size, self._capacity,
                                        kv_replay=self.kv_replay, op_timeout=self.op_timeout,
-                                       budget=self.budget, strict_lru=self.strict_lru)
+                                       budget=self.budget, strict_lru=self.strict_lru,
+                                       events=self.events)
 
     @classmethod
     def configure(cls, name: str = "ConfiguredLockstepMachine", **attrs) -> type["LockstepMachine"]:
         """A subclass with ``attrs`` set, e.g. ``configure(implementations=[...], block_size=1)``."""
         unknown = set(attrs) - {"implementations", "block_size", "workload", "kv_replay",
                                 "capacity_pages", "max_running", "op_timeout", "budget",
-                                "known", "strict_lru"}
+                                "known", "strict_lru", "events"}
         if unknown:
             raise TypeError(f"configure() got unknown settings {sorted(unknown)}")
         return type(name, (cls,), {**attrs, "last_failure": None, "known_found": {}})
@@ -98,6 +101,7 @@ class LockstepMachine(RuleBasedStateMachine):
                 implementations=list(self.implementations), block_size=self.block_size,
                 capacity_pages=self._capacity, steps=list(self.lockstep.steps),
                 failure=failure.as_dict(), kv_replay=self.kv_replay, strict_lru=self.strict_lru,
+                events=self.events,
                 meta={"workload": self.workload, "source": "hypothesis"})
             if failure.check in self.known and isinstance(failure, VerificationFailure):
                 found = type(self).known_found.setdefault(failure.check, {"count": 0})

@@ -66,6 +66,8 @@ class RunConfig:
     """Checks known to fail: counted with one witness trace each, not reported as findings."""
     strict_lru: bool = False
     """Evictions legal only under a relaxation of strict LRU fail the run."""
+    events: bool = False
+    """Check every KV-cache event of the implementations that publish them."""
 
 
 @dataclass
@@ -160,7 +162,7 @@ def run(config: RunConfig, progress=None) -> RunResult:
     machine = LockstepMachine.configure(
         implementations=impls, block_size=config.block_size, workload=config.workload,
         kv_replay=config.kv_replay, op_timeout=config.op_timeout, budget=budget,
-        known=tuple(config.known), strict_lru=config.strict_lru)
+        known=tuple(config.known), strict_lru=config.strict_lru, events=config.events)
     run_settings = settings(
         max_examples=EXAMPLES_PER_CHUNK, stateful_step_count=STEPS_PER_EXAMPLE, deadline=None,
         database=None, suppress_health_check=list(HealthCheck), print_blob=False,

@@ -25,21 +25,39 @@ from bcr_verify.lockstep import Lockstep, StepBudget
 def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pages: int,
                    kv_replay: bool = False, check_every: int = 1,
                    op_timeout: float | None = DEFAULT_OP_TIMEOUT,
-                   budget: StepBudget | None = None, strict_lru: bool = False) -> Lockstep:
-    """Lanes for ``implementations`` (names or ``module:attr``) sharing one configuration."""
+                   budget: StepBudget | None = None, strict_lru: bool = False,
+                   events: bool = False) -> Lockstep:
+    """Lanes for ``implementations`` (names or ``module:attr``) sharing one configuration;
+    ``events``: each built with its KV-cache event stream on, checked by
+    :class:`~bcr_verify.events.EventsOracle`."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise UsageError(f"block_size must be a positive int, got {block_size!r}")
     if not implementations:
         raise UsageError("implementations: name at least one (see `bcr-verify impls`)")
-    adapters = [resolve(name).build(block_size, capacity_pages) for name in implementations]
+    adapters = [resolve(name).build(block_size, capacity_pages, events)
+                for name in implementations]
     observers = []
+    if events:
+        from bcr_verify.events import EventsOracle
+        observers.append(EventsOracle(dynamo=_dynamo_available()))
     if kv_replay:
         from bcr_verify.kv_replay import KVReplay
         observers.append(KVReplay(block_size, model=_replay_model()))
     origin = {"implementations": list(implementations), "block_size": block_size,
-              "capacity_pages": capacity_pages, "kv_replay": kv_replay, "strict_lru": strict_lru}
+              "capacity_pages": capacity_pages, "kv_replay": kv_replay, "strict_lru": strict_lru,
+              "events": events}
     return Lockstep(adapters, check_every=check_every, observers=observers,
                     op_timeout=op_timeout, origin=origin, budget=budget, strict_lru=strict_lru)
+
+
+@functools.lru_cache(maxsize=1)
+def _dynamo_available() -> bool:
+    """Dynamo's RadixTree (``ai-dynamo-runtime``) is installed: events also feed it."""
+    try:
+        import bcr_verify.dynamo_index  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,6 +132,9 @@ class Totals:
                     mine[k] = v if mine.get(k) is None else max(mine[k], v)
                 elif k in SUMMED and v is not None:
                     mine[k] = mine.get(k, 0) + v
+                elif k in PER_LANE:
+                    for lane, counts in v.items():
+                        mine.setdefault(k, {}).setdefault(lane, Counter()).update(counts)
                 else:
                     mine[k] = v
 
@@ -149,6 +170,8 @@ class Totals:
 SUMMED = {"hits", "replayed", "skipped", "failures", "replayed_tokens", "written_tokens",
           "seconds", "check_seconds"}
 """Observer report fields that are per-example counts; others are settings or running totals."""
+PER_LANE = {"lanes"}
+"""Observer report fields holding counts per lane, summed lane by lane."""
 
 TOTALS = Totals()
 
@@ -165,6 +188,16 @@ def vacuity_warnings(totals: dict, implementations: dict[str, str]) -> list[str]
                 "duplicates_kept"):
             warnings.append(f"{name}: no block was ever held in two copies, so duplicate "
                             "copies were never exercised")
+    events = totals.get("events") or {}
+    for name, counts in events.get("lanes", {}).items():
+        if not counts.get("blocks_stored"):
+            warnings.append(f"{name}: published no stored-block event, so its event stream "
+                            "was never exercised")
+        if not counts.get("blocks_removed"):
+            warnings.append(f"{name}: published no removed-block event")
+    if events and not events.get("dynamo"):
+        warnings.append("events were not fed to Dynamo's RadixTree (ai-dynamo-runtime is not "
+                        "installed)")
     if len(totals.get("implementations", {})) > 1 and not totals.get("cross_lane_checks"):
         warnings.append("no lookup compared lanes with each other (each lane was still "
                         "judged by its own model)")

@@ -41,7 +41,8 @@ def rids_by_replay(trace: Trace) -> dict[int, int]:
     from bcr_verify.session import build_lockstep
 
     lockstep = build_lockstep(trace.implementations, trace.block_size, trace.capacity_pages,
-                              kv_replay=False, check_every=0, strict_lru=trace.strict_lru)
+                              kv_replay=False, check_every=0, strict_lru=trace.strict_lru,
+                              events=trace.events)
     found = {}
     for i, step in enumerate(trace.steps):
         try:
@@ -60,7 +61,7 @@ def run_abstract(trace: Trace, steps: Sequence[dict]) -> tuple[VerificationFailu
 
     lockstep = build_lockstep(trace.implementations, trace.block_size, trace.capacity_pages,
                               kv_replay=trace.kv_replay, check_every=1,
-                              strict_lru=trace.strict_lru)
+                              strict_lru=trace.strict_lru, events=trace.events)
     rid_of: dict[int, int] = {}
     for step in steps:
         op = step["op"]
@@ -165,7 +166,7 @@ def shrink(trace: Trace, begin_index_of_rid: dict[int, int] | None = None,
     shrunk = Trace(implementations=list(trace.implementations), block_size=trace.block_size,
                    capacity_pages=trace.capacity_pages, steps=concrete,
                    failure=failure.as_dict(), kv_replay=trace.kv_replay,
-                   strict_lru=trace.strict_lru,
+                   strict_lru=trace.strict_lru, events=trace.events,
                    meta={**trace.meta, "shrunk_by": "ddmin",
                          "unshrunk_steps": len(trace.steps)})
     info.update(shrunk_steps=len(concrete), tests=tests[0],

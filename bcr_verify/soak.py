@@ -315,6 +315,7 @@ class SoakConfig:
     shrink_seconds: float = 120.0
     op_timeout: float | None = DEFAULT_OP_TIMEOUT
     strict_lru: bool = False
+    events: bool = False
     shape: str = "mixed"
     """``mixed``: the workload's prompts, flushes and evictions as the machine draws them;
     ``deep``: long chains and fan-outs (:class:`DeepDrawer`), never flushed."""
@@ -361,7 +362,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     budget = StepBudget(config.max_ops)
     lockstep = build_lockstep(impls, config.block_size, capacity, check_every=config.check_every,
                               op_timeout=config.op_timeout, budget=budget,
-                              strict_lru=config.strict_lru)
+                              strict_lru=config.strict_lru, events=config.events)
     timer = CallTimer()
     for lane in lockstep.lanes:
         timer.wrap(lane.adapter, TIMED, lambda m: "op")
@@ -480,7 +481,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
 
         unshrunk = Trace(implementations=list(impls), block_size=config.block_size,
                          capacity_pages=capacity, steps=window, failure=failure.as_dict(),
-                         strict_lru=config.strict_lru,
+                         strict_lru=config.strict_lru, events=config.events,
                          meta={"workload": config.workload, "source": "soak",
                                "seed": config.seed, "global_step": lockstep.forgotten + (failure.step or 0)})
         if isinstance(failure, FatalFinding):  # each attempt would hang again: keep it whole
@@ -678,7 +679,7 @@ def cmd_soak(args) -> int:
             DEEP_DEFAULT_MINUTES if args.shape == "deep" else 1.0),
         max_ops=args.ops, check_every=args.check_every, sample_seconds=args.sample_seconds,
         trace_dir=args.trace_dir, op_timeout=args.op_timeout, shape=args.shape,
-        strict_lru=args.strict_lru)
+        strict_lru=args.strict_lru, events=args.events)
     show = None if args.quiet else progress_printer()
     result = soak(config, progress=show)
     if show:
@@ -724,6 +725,11 @@ def register(subparsers) -> None:
                    help="sample RSS and sizes this often (default: ~240 samples per run)")
     p.add_argument("--strict-lru", action="store_true",
                    help="an eviction legal only under a relaxation of strict LRU is a failure")
+    p.add_argument("--events", action="store_true",
+                   help="check every KV-cache event of the implementations that publish them "
+                        "(SGLang's caches from 0.4.8, vLLM): each against the model, and "
+                        "replayed into a refcounting index and Dynamo's RadixTree that must "
+                        "agree with the cache (docs/events.md)")
     p.add_argument("--shape", choices=("mixed", "deep"), default="mixed",
                    help="mixed: the workload's prompts with flushes (default); deep: long "
                         "chains (past 1,000 radix nodes) and fan-outs, never flushed")

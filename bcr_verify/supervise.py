@@ -82,6 +82,7 @@ class Death:
                      capacity_pages=self.origin["capacity_pages"],
                      kv_replay=self.origin.get("kv_replay", False), steps=list(self.steps),
                      strict_lru=self.origin.get("strict_lru", False),
+                     events=self.origin.get("events", False),
                      failure=self.failure(), meta={"source": "journal", **(meta or {})})
 
 

@@ -42,6 +42,8 @@ class Trace:
     meta: dict = field(default_factory=dict)
     strict_lru: bool = False
     """Recorded with ``--strict-lru``: replays judge eviction by strict LRU too."""
+    events: bool = False
+    """Recorded with ``--events``: replays check the KV-cache events too."""
     versions: dict = field(default_factory=dict)
     """Implementation -> ``package==version`` it was recorded on (filled in when saved)."""
 
@@ -49,6 +51,7 @@ class Trace:
         return {"format": FORMAT, "implementations": self.implementations,
                 "block_size": self.block_size, "capacity_pages": self.capacity_pages,
                 "kv_replay": self.kv_replay, "strict_lru": self.strict_lru,
+                "events": self.events,
                 "versions": self.versions,
                 "failure": self.failure, "meta": self.meta, "steps": self.steps}
 
@@ -63,6 +66,7 @@ class Trace:
                         steps=list(data["steps"]), failure=data.get("failure"),
                         kv_replay=bool(data.get("kv_replay", False)),
                         strict_lru=bool(data.get("strict_lru", False)),
+                        events=bool(data.get("events", False)),
                         meta=dict(data.get("meta") or {}),
                         versions=dict(data.get("versions") or {}))
         except (KeyError, TypeError, ValueError) as exc:
@@ -160,7 +164,7 @@ def replay(trace: Trace, implementations: Sequence[str] | None = None,
         list(implementations or trace.implementations), trace.block_size, trace.capacity_pages,
         kv_replay=trace.kv_replay if kv_replay is None else kv_replay,
         op_timeout=DEFAULT_OP_TIMEOUT if op_timeout is None else op_timeout,
-        strict_lru=trace.strict_lru)
+        strict_lru=trace.strict_lru, events=trace.events)
     for index, step in enumerate(trace.steps):
         try:
             lockstep.apply(step)

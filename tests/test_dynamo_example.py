@@ -77,7 +77,7 @@ def test_ci_profile_green(installed):
 def test_soak_profile_green_and_budgeted(installed):
     out = pytest_in(installed, "--hypothesis-profile", "soak", "--bcr-soak-minutes", "0.1",
                     "-k", "lockstep")
-    assert "2 passed" in out.stdout and "bcr-verify soak" in out.stdout, out.stdout[-3000:]
+    assert "2 passed" in out.stdout and "bcr-verify lockstep coverage, soak" in out.stdout, out.stdout[-3000:]
 
 
 def test_statistics_show_the_lockstep_rules(installed):

@@ -3,7 +3,7 @@
 import pytest
 
 import broken_caches
-from bcr_verify.adapters import resolve
+from bcr_verify.adapters import CacheSpec, resolve
 from bcr_verify.errors import Divergence, InvariantViolation
 from bcr_verify.lockstep import Lockstep
 
@@ -36,7 +36,7 @@ def scenario(lockstep: Lockstep) -> None:
     ("broken_conservation", InvariantViolation, "pool conservation"),
 ])
 def test_each_invariant_family_is_caught(factory, kind, check):
-    broken = getattr(broken_caches, factory)(1)
+    broken = getattr(broken_caches, factory)(CacheSpec(block_size=1, capacity_pages=64))
     lockstep = Lockstep([resolve("reference").build(1, 64), broken])
     with pytest.raises(kind) as info:
         scenario(lockstep)

@@ -1,7 +1,8 @@
 """Adapters: one protocol the machine speaks, one thin translation per implementation."""
 
 from bcr_verify.adapters.base import (
-    OPTIONS, CacheAdapter, CacheSpec, Contract, Inserted, Match, PagePool, Sizes,
+    OPTIONS, CacheAdapter, CacheSpec, Cleared, Contract, Inserted, Match, PagePool, Removed,
+    Sizes, Stored,
 )
 from bcr_verify.adapters.bcr_api import BCRApiAdapter
 from bcr_verify.adapters.registry import (
@@ -9,7 +10,7 @@ from bcr_verify.adapters.registry import (
 )
 
 __all__ = [
-    "BCRApiAdapter", "BUILTIN", "CacheAdapter", "CacheSpec", "Contract", "DEFAULT",
-    "Implementation", "Inserted", "Match", "OPTIONS", "PagePool", "Sizes", "all_implementations",
-    "from_factory", "resolve",
+    "BCRApiAdapter", "BUILTIN", "CacheAdapter", "CacheSpec", "Cleared", "Contract", "DEFAULT",
+    "Implementation", "Inserted", "Match", "OPTIONS", "PagePool", "Removed", "Sizes", "Stored",
+    "all_implementations", "from_factory", "resolve",
 ]

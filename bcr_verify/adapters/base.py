@@ -104,6 +104,30 @@ class CacheSpec:
 
     block_size: int
     capacity_pages: int
+    events: bool = False
+    """Build the cache with its KV-cache event stream on (see :meth:`CacheAdapter.take_events`)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """KV-cache event: the full blocks of ``tokens`` were cached, one ``hashes`` entry per
+    block, the first under the block hashed ``parent`` (None: under the root)."""
+
+    hashes: tuple
+    parent: Any
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Removed:
+    """KV-cache event: the blocks with these hashes left the cache."""
+
+    hashes: tuple
+
+
+@dataclass(frozen=True)
+class Cleared:
+    """KV-cache event: everything left the cache."""
 
 
 @dataclass
@@ -188,6 +212,12 @@ class CacheAdapter(ABC):
 
     def sizes(self) -> Sizes | None:
         """Evictable and protected token counts, where the cache reports them."""
+        return None
+
+    def take_events(self) -> list | None:
+        """The KV-cache events since the last call, as :class:`Stored` / :class:`Removed` /
+        :class:`Cleared` (a thin translation of the engine's own); None for a cache that
+        publishes no event stream, or was built without one (``CacheSpec.events``)."""
         return None
 
     @abstractmethod

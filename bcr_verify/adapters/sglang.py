@@ -20,7 +20,9 @@ import inspect
 import os
 from typing import Sequence
 
-from bcr_verify.adapters.base import CacheAdapter, Contract, Inserted, Match, Sizes
+from bcr_verify.adapters.base import (
+    CacheAdapter, Cleared, Contract, Inserted, Match, Removed, Sizes, Stored,
+)
 from bcr_verify.adapters.sglang_api import load
 from bcr_verify.errors import AdapterUnavailable, InvariantViolation
 
@@ -88,13 +90,14 @@ class RecordingAllocator:
 
 
 class SGLangAdapter(CacheAdapter):
-    def __init__(self, kind: str, block_size: int, capacity_pages: int):
+    def __init__(self, kind: str, block_size: int, capacity_pages: int, events: bool = False):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         self.name = {"radix": "sglang-radix", "unified-py": "sglang-unified-py",
                      "unified-rust": "sglang-unified-rust"}[kind]
         self.unified = kind != "radix"
+        self.events = events
         self.page_size = block_size
         self.allocator = RecordingAllocator(block_size, capacity_pages)
         self.api = self.allocator.api
@@ -110,7 +113,7 @@ class SGLangAdapter(CacheAdapter):
     def _build(self):
         api = load()
         if not self.unified:
-            return api.make_radix_cache(self.allocator.real, self.page_size)
+            return api.make_radix_cache(self.allocator.real, self.page_size, self.events)
         from bcr_verify.adapters.sglang_api import release_tuple
         if release_tuple(api.t.release) < release_tuple(UNIFIED_FROM):
             raise AdapterUnavailable(
@@ -122,7 +125,8 @@ class SGLangAdapter(CacheAdapter):
         backend = "python" if self.kind == "unified-py" else "rust"
         params = dict(disable=False, req_to_token_pool=None, page_size=self.page_size,
                       token_to_kv_pool_allocator=self.allocator.real,
-                      tree_components=(ComponentType.FULL,))
+                      tree_components=(ComponentType.FULL,),
+                      enable_kv_cache_events=self.events)
         if "tree_core_backend" in inspect.signature(api.CacheInitParams).parameters:
             cache = UnifiedRadixCache(api.CacheInitParams(**params, tree_core_backend=backend))
         else:  # 0.5.18-0.5.21 choose the core from the environment
@@ -207,6 +211,11 @@ class SGLangAdapter(CacheAdapter):
     def sizes(self) -> Sizes:
         return Sizes(evictable=self.cache.evictable_size(), protected=self.cache.protected_size())
 
+    def take_events(self) -> list | None:
+        if not self.events:
+            return None
+        return [translate_event(e) for e in self.cache.take_events()]
+
     def check_invariants(self) -> None:
         if self.unified:
             try:
@@ -223,5 +232,19 @@ class SGLangAdapter(CacheAdapter):
         self.allocator.take_freed()
 
 
-def build(kind: str, block_size: int, capacity_pages: int) -> SGLangAdapter:
-    return SGLangAdapter(kind, block_size, capacity_pages)
+def build(kind: str, block_size: int, capacity_pages: int, events: bool = False
+          ) -> SGLangAdapter:
+    return SGLangAdapter(kind, block_size, capacity_pages, events)
+
+
+def translate_event(event):
+    """One of SGLang's events (``sglang.srt.disaggregation.kv_events``; 0.5.18+ adds
+    ``BlockStoredWithMetadata``) in the protocol's vocabulary."""
+    kind = type(event).__name__
+    if kind.startswith("BlockStored"):
+        return Stored(tuple(event.block_hashes), event.parent_block_hash, tuple(event.token_ids))
+    if kind.startswith("BlockRemoved"):
+        return Removed(tuple(event.block_hashes))
+    if kind == "AllBlocksCleared":
+        return Cleared()
+    raise TypeError(f"unknown SGLang KV event {kind}")

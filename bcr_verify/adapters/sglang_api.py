@@ -207,18 +207,22 @@ class Sglang:
 
     # ------------------------------------------------------------------ the cache
 
-    def make_radix_cache(self, allocator, page_size: int):
+    def make_radix_cache(self, allocator, page_size: int, events: bool = False):
         if self.t.cache_ctor == "params":
             return self.RadixCache(self.CacheInitParams(
                 disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=allocator,
-                page_size=page_size))
+                page_size=page_size, enable_kv_cache_events=events))
         offered = {"req_to_token_pool": None, "token_to_kv_pool": allocator,
                    "token_to_kv_pool_allocator": allocator, "page_size": page_size,
-                   "disable": False}
+                   "disable": False, "enable_kv_cache_events": events}
         if page_size > 1 and not self.t.pages:
             raise AdapterUnavailable(f"sglang {self.t.release}'s RadixCache has no page size "
                                      "(paging came in 0.4.4); use --block-size 1")
-        return self.RadixCache(**_accepted(self.RadixCache.__init__, offered))
+        accepted = _accepted(self.RadixCache.__init__, offered)
+        if events and "enable_kv_cache_events" not in accepted:
+            raise AdapterUnavailable(f"sglang {self.t.release}'s RadixCache publishes no KV "
+                                     "events (they came in 0.4.8)")
+        return self.RadixCache(**accepted)
 
     def key(self, tokens: Sequence[int]):
         if self.t.key == "radixkey-array":

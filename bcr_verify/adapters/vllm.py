@@ -31,7 +31,7 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock, get_request_block_hasher, 
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.request import Request
 
-from bcr_verify.adapters.base import CacheAdapter, Contract, Match
+from bcr_verify.adapters.base import CacheAdapter, Cleared, Contract, Match, Removed, Stored
 from bcr_verify.errors import InvariantViolation
 
 init_none_hash(sha256)  # once per process, before any request is hashed
@@ -42,6 +42,7 @@ class VLLMAdapter(CacheAdapter):
 
     def __init__(self, block_size: int, capacity_pages: int, events: bool = False):
         self._capacity = capacity_pages
+        self.events = events
         config = KVCacheConfig(
             num_blocks=capacity_pages + 1, kv_cache_tensors=[],
             kv_cache_groups=[KVCacheGroupSpec(
@@ -93,6 +94,23 @@ class VLLMAdapter(CacheAdapter):
         cached = self.pool.blocks[page].block_hash is not None
         self.manager.evict_blocks({page})
         return [page] if cached and self.pool.blocks[page].block_hash is None else []
+
+    def take_events(self) -> list | None:
+        if not self.events:
+            return None
+        out = []
+        for event in self.manager.take_events():
+            kind = type(event).__name__
+            if kind == "BlockStored":
+                out.append(Stored(tuple(event.block_hashes), event.parent_block_hash,
+                                  tuple(event.token_ids)))
+            elif kind == "BlockRemoved":
+                out.append(Removed(tuple(event.block_hashes)))
+            elif kind == "AllBlocksCleared":
+                out.append(Cleared())
+            else:
+                raise TypeError(f"unknown vLLM KV event {kind}")
+        return out
 
     def available_pages(self) -> int:
         return self.pool.get_num_free_blocks()

@@ -76,6 +76,10 @@ class ReferenceCache:
         self.clock = 0
         self._root_children: dict[tuple[int, ...], Block] = {}
         self._by_value: dict[Hashable, Block] = {}
+        self.changes: list[tuple] | None = None
+        """When a list: every copy cached ``("+", block, value)`` and every copy dropped
+        ``("-", block, value)``, in order, and ``("clear",)`` for a flush, for an observer
+        that judges a cache's own account of its changes (its KV-cache events)."""
 
     # ----------------------------------------------------------------- queries
 
@@ -85,6 +89,11 @@ class ReferenceCache:
 
     def __contains__(self, value: Hashable) -> bool:
         return value in self._by_value
+
+    def cached_blocks(self, token_ids: Sequence[int]) -> int:
+        """How many leading full blocks of ``token_ids`` are cached (a lookup that is not a
+        use: no LRU stamp)."""
+        return len(self._walk(self._split(token_ids, "token_ids")))
 
     @property
     def cached_tokens(self) -> int:
@@ -196,6 +205,8 @@ class ReferenceCache:
                 block.used = block.maybe_used = self.clock
             block.copies[value] = 0
             self._by_value[value] = block
+            if self.changes is not None:
+                self.changes.append(("+", block, value))
             parent = block
         return existing * self.block_size
 
@@ -221,6 +232,8 @@ class ReferenceCache:
             raise ValueError(f"value {value!r} cannot be evicted: a running request holds it")
         del block.copies[value]
         del self._by_value[value]
+        if self.changes is not None:
+            self.changes.append(("-", block, value))
         while block is not None and not block.copies and not block.children:
             self._children(block.parent).pop(block.tokens)
             block = block.parent
@@ -250,6 +263,8 @@ class ReferenceCache:
         """Drop everything, in-use blocks included (SGLang's ``flush_cache``)."""
         self._root_children.clear()
         self._by_value.clear()
+        if self.changes is not None:
+            self.changes.append(("clear",))
 
     # ----------------------------------------------------------------- LRU caches
 
@@ -411,6 +426,8 @@ class ReferenceCache:
             self._children(block.parent).pop(block.tokens, None)
             for value in block.copies:
                 del self._by_value[value]
+                if self.changes is not None:
+                    self.changes.append(("-", block, value))
 
 
 BCRCache = ReferenceCache

@@ -22,7 +22,8 @@ def radix_mutant(patch, capacity_pages: int | None = None, prefix: str = "mutant
                 patch(cache, self)
                 return cache
 
-        adapter = Mutant("radix", spec.block_size, capacity_pages or spec.capacity_pages)
+        adapter = Mutant("radix", spec.block_size, capacity_pages or spec.capacity_pages,
+                         spec.events)
         adapter.name = f"{prefix}-{patch.__name__.replace('_', '-')}"
         return adapter
     factory.__doc__ = patch.__doc__

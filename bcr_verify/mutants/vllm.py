@@ -13,7 +13,7 @@ def vllm_mutant(patch):
     def factory(spec: CacheSpec):
         from bcr_verify.adapters.vllm import VLLMAdapter
 
-        adapter = VLLMAdapter(spec.block_size, spec.capacity_pages)
+        adapter = VLLMAdapter(spec.block_size, spec.capacity_pages, spec.events)
         adapter.name = f"mutant-vllm-{patch.__name__.replace('_', '-')}"
         patch(adapter)
         return adapter
