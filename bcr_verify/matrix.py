@@ -45,6 +45,8 @@ def campaign_row(release: str, block_size: int, options, workdir: Path, progress
         args += ["--impl", impl]
     for check in options.known or ():
         args += ["--known", check]
+    if options.events:
+        args.append("--events")
     start = time.monotonic()
     try:
         code, output = run_in_release(release, args, options.timeout, progress)
@@ -238,6 +240,9 @@ def register(subparsers) -> None:
     p.add_argument("--workload", default="mixed")
     p.add_argument("--known", action="append", metavar="CHECK",
                    help="a check known to fail: counted, one witness kept, search goes on")
+    p.add_argument("--events", action="store_true",
+                   help="check each release's KV-cache events too (published from 0.4.8 on; "
+                        "an earlier release is a row saying it has none)")
     p.add_argument("--trace", metavar="TRACE", help="replay this trace instead of a campaign")
     p.add_argument("--timeout", type=_positive_float("--timeout"), default=1800.0,
                    help="seconds one release's run may take (default 1800)")

@@ -98,6 +98,8 @@ class SGLangAdapter(CacheAdapter):
                      "unified-rust": "sglang-unified-rust"}[kind]
         self.unified = kind != "radix"
         self.events = events
+        if events:
+            compile_event_hashing()
         self.page_size = block_size
         self.allocator = RecordingAllocator(block_size, capacity_pages)
         self.api = self.allocator.api
@@ -235,6 +237,16 @@ class SGLangAdapter(CacheAdapter):
 def build(kind: str, block_size: int, capacity_pages: int, events: bool = False
           ) -> SGLangAdapter:
     return SGLangAdapter(kind, block_size, capacity_pages, events)
+
+
+def compile_event_hashing() -> None:
+    """From 0.5.18 SGLang hashes event blocks with a C++ extension JIT-compiled on first use,
+    which takes seconds: build it here, before any call into the cache is timed."""
+    try:
+        from sglang.srt.mem_cache.utils import get_hash_str
+    except ImportError:  # before 0.5.7 event hashes are Python's hash()
+        return
+    get_hash_str([0])
 
 
 def translate_event(event):
