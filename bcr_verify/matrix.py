@@ -60,7 +60,9 @@ def campaign_row(release: str, block_size: int, options, workdir: Path, progress
     if code is None or not report.is_file():
         return {**row, "verdict": "harness error", "why": output.strip()[-500:]}
     data = json.loads(report.read_text())
-    radix = next((v for k, v in data["implementations"].items() if k.startswith("sglang")), {})
+    # a child that died (crash, native hang) leaves a report without per-implementation stats
+    radix = next((v for k, v in data.get("implementations", {}).items()
+                  if k.startswith("sglang")), {})
     notes = radix.get("notes", {})
     failure = data.get("failure") or {}
     trace_steps = None
@@ -68,7 +70,7 @@ def campaign_row(release: str, block_size: int, options, workdir: Path, progress
         trace_steps = len(json.loads(Path(data["trace"]).read_text())["steps"])
     return {**row, "verdict": data["verdict"], "check": failure.get("check"),
             "failure": failure or None, "trace": data.get("trace"), "trace_steps": trace_steps,
-            "steps": data["steps"], "hits": radix.get("hits"),
+            "steps": data.get("steps"), "hits": radix.get("hits"),
             "evictions": radix.get("evictions"), "generation": notes.get("generation"),
             "stand_ins": notes.get("stand_ins", []), "not_checked": notes.get("not_checked", []),
             "known": data.get("known", {})}

@@ -17,7 +17,8 @@
 
 * Options (group "bcr-verify"), each with an ini-file key: ``--bcr-impl`` / ``bcr_impls``,
   ``--bcr-block-size`` / ``bcr_block_sizes``, ``--bcr-workload`` / ``bcr_workload``,
-  ``--bcr-kv-replay`` / ``bcr_kv_replay``, ``--bcr-corpus`` / ``bcr_corpus``,
+  ``--bcr-kv-replay`` / ``bcr_kv_replay``, ``--bcr-events`` / ``bcr_events`` (check every
+  KV-cache event, see :mod:`bcr_verify.events`), ``--bcr-corpus`` / ``bcr_corpus``,
   ``--bcr-soak-minutes`` / ``bcr_soak_minutes``, ``--bcr-op-timeout`` / ``bcr_op_timeout``
   (seconds one implementation call may take before it is a hang finding; default 10);
   ``--bcr-replay-corpus`` also collects the
@@ -80,6 +81,7 @@ class BcrOptions:
     block_sizes: list[int] = field(default_factory=list)
     workload: str | None = None
     kv_replay: bool | None = None
+    events: bool = False
     corpus: Path = Path("corpus/traces")
     soak_minutes: float | None = None
     op_timeout: float = DEFAULT_OP_TIMEOUT
@@ -123,6 +125,10 @@ def pytest_addoption(parser):
                          "bcr_kv_replay)")
     group.addoption("--bcr-no-kv-replay", dest="bcr_kv_replay", action="store_false",
                     help="no KV replay, whatever the ini file says")
+    group.addoption("--bcr-events", dest="bcr_events", action="store_true", default=None,
+                    help="check every KV-cache event of the implementations that publish "
+                         "them, against the model and through router indexes (ini: "
+                         "bcr_events)")
     group.addoption("--bcr-corpus", dest="bcr_corpus", metavar="DIR",
                     help="where failing traces are written and collected from (ini: bcr_corpus;"
                          " default corpus/traces under the rootdir)")
@@ -137,6 +143,8 @@ def pytest_addoption(parser):
     parser.addini("bcr_block_sizes", "block sizes to test", type="args", default=[])
     parser.addini("bcr_workload", "prompt workload family", default="")
     parser.addini("bcr_kv_replay", "KV replay on or off", type="bool", default=False)
+    parser.addini("bcr_events", "KV-cache event checking on or off", type="bool",
+                  default=False)
     parser.addini("bcr_corpus", "trace corpus directory (relative to the rootdir)", default="")
     group.addoption("--bcr-known", action="append", dest="bcr_known", metavar="CHECK",
                     help="a check known to fail: counted with one witness trace, the search "
@@ -167,6 +175,7 @@ def _options(config) -> BcrOptions:
         implementations=list(get("bcr_impls") or config.getini("bcr_impls")),
         block_sizes=sizes, workload=get("bcr_workload") or config.getini("bcr_workload") or None,
         kv_replay=kv if kv is not None else (config.getini("bcr_kv_replay") or None),
+        events=bool(get("bcr_events") or config.getini("bcr_events")),
         corpus=corpus.resolve(), soak_minutes=minutes,
         op_timeout=DEFAULT_OP_TIMEOUT if timeout is None else timeout,
         known=list(get("bcr_known") or config.getini("bcr_known")),

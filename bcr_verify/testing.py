@@ -91,9 +91,9 @@ class SingleWriter:
 
 
 def _machine_class(implementations, block_size, workload, kv_replay, capacity_pages=None,
-                   op_timeout=None, known=()):
+                   op_timeout=None, known=(), events=False):
     attrs = dict(implementations=implementations, block_size=block_size, kv_replay=kv_replay,
-                 known=tuple(known))
+                 known=tuple(known), events=events)
     if op_timeout:
         attrs["op_timeout"] = op_timeout
     if workload:
@@ -121,7 +121,7 @@ def _machine_class(implementations, block_size, workload, kv_replay, capacity_pa
 def run_lockstep(implementations: list[str], block_size: int, *, workload: str | None = None,
                  kv_replay: bool = False, corpus=None, soak_budget_s: float | None = None,
                  seed=None, capacity_pages: int | None = None, label: str = "",
-                 op_timeout: float | None = None, known=()) -> dict:
+                 op_timeout: float | None = None, known=(), events: bool = False) -> dict:
     """Run the lockstep machine under the current Hypothesis profile; save a failure's trace.
 
     With ``soak_budget_s``, Hypothesis runs repeat in rounds (each with its own seed, at most
@@ -136,7 +136,7 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
     from bcr_verify.session import TOTALS
 
     machine = _machine_class(implementations, block_size, workload, kv_replay, capacity_pages,
-                             op_timeout, known)
+                             op_timeout, known, events)
     TOTALS.reset()
     start = time.monotonic()
     profile_max = Settings().max_examples
@@ -305,7 +305,7 @@ class PrefixCacheConformance:
             impls, bcr_block_size, workload=opts.workload or self.workload,
             kv_replay=bool(opts.kv_replay), corpus=opts.corpus, soak_budget_s=budget,
             seed=seed, capacity_pages=self.capacity_pages, label=request.node.nodeid,
-            op_timeout=opts.op_timeout, known=known)
+            op_timeout=opts.op_timeout, known=known, events=opts.events)
         from bcr_verify.session import vacuity_warnings
         totals = result["totals"]
         coverage = "; ".join(f"{name} {s.get('hits', 0)} hits, {s.get('evictions', 0)} "

@@ -112,3 +112,37 @@ def test_matrix_table_json_and_plot(tmp_path):
     assert all(r["verdict"] == "pass" and r["generation"] for r in rows)
     assert "| release | generation |" in out.stdout
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+EVENT_REGRESSIONS = {
+    # trace -> (release it first passes on, check it fails with before that)
+    "sglang-events-root-parent-fixed-in-0.5.0rc1.json": ((0, 5, 0, 1), {}),
+    "sglang-events-child-parent-fixed-in-0.5.6.json": ((0, 5, 6, 0), {}),
+    "sglang-events-content-hash-fixed-in-0.5.6.json": ((0, 5, 6, 0), {}),
+    "sglang-events-split-removal-fixed-in-0.5.7.json": (SPLIT_VIEWS_FIXED, {
+        (0, 5, 7, 0): "value owns storage"}),  # 0.5.7's own split bug fires first
+}
+EVENTS_FROM = (0, 4, 8, 0)
+"""SGLang's RadixCache publishes KV events from 0.4.8."""
+
+
+def test_event_regressions_fail_until_their_fix_and_pass_after():
+    """Each KV-event bug found on a real release replays as it should on every release with
+    events: the rule that names it (or, in 0.4.9, its root-parent bug, which every store
+    under the root shows first) before the fix, a clean replay after."""
+    from bcr_verify.adapters.sglang_api import release_tuple
+    for name, python in ((r, ensure(r)) for r in known_releases()
+                         if release_tuple(r) >= EVENTS_FROM):
+        version = release_tuple(name)
+        for trace, (fixed, instead) in EVENT_REGRESSIONS.items():
+            recorded = json.loads((REGRESSION.parent / trace).read_text())["failure"]["check"]
+            want = instead.get(version[:3] + (0,)) if version < fixed else None
+            if version < fixed and want is None:
+                want = recorded if version >= (0, 5, 0, 1) else "events: lost parent link"
+            out = bcr_verify_in(python, "replay", str(REGRESSION.parent / trace))
+            if want is None:
+                assert out.returncode == 0 and "replayed cleanly" in out.stdout, (name, trace,
+                                                                                  out.stdout)
+            else:
+                assert out.returncode == 1 and f"[{want}]" in out.stdout, (name, trace,
+                                                                           out.stdout[-2000:])

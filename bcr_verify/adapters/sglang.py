@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
+from pathlib import Path
 from typing import Sequence
 
 from bcr_verify.adapters.base import (
@@ -98,11 +100,11 @@ class SGLangAdapter(CacheAdapter):
                      "unified-rust": "sglang-unified-rust"}[kind]
         self.unified = kind != "radix"
         self.events = events
-        if events:
-            compile_event_hashing()
         self.page_size = block_size
         self.allocator = RecordingAllocator(block_size, capacity_pages)
         self.api = self.allocator.api
+        if events:
+            compile_event_hashing()
         self.cache = self._build()
         self.notes = {"release": self.api.t.release, "generation": self.api.t.generation,
                       "stand_ins": self.api.t.stand_ins,
@@ -239,13 +241,29 @@ def build(kind: str, block_size: int, capacity_pages: int, events: bool = False
     return SGLangAdapter(kind, block_size, capacity_pages, events)
 
 
+STALE_BUILD_LOCK_S = 300
+"""A torch extension build lock older than this was left by a killed build."""
+
+
 def compile_event_hashing() -> None:
     """From 0.5.18 SGLang hashes event blocks with a C++ extension JIT-compiled on first use,
-    which takes seconds: build it here, before any call into the cache is timed."""
+    which takes seconds: build it here, before any call into the cache is timed.
+
+    A build killed midway (a run ended by its op timeout while compiling) leaves torch's build
+    lock behind, and torch before 2.14 then waits for it forever: an old lock is removed.
+    """
     try:
         from sglang.srt.mem_cache.utils import get_hash_str
-    except ImportError:  # before 0.5.7 event hashes are Python's hash()
+    except ImportError:  # before 0.5.6 event hashes are Python's hash()
         return
+    from torch.utils import cpp_extension
+
+    try:  # private, but the only way to name the lock torch will wait on
+        lock = Path(cpp_extension._get_build_directory("hicache_hash_cpp", False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+            lock.unlink()
+    except (AttributeError, TypeError, OSError):
+        pass
     get_hash_str([0])
 
 

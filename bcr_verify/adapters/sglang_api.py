@@ -37,7 +37,7 @@ GENERATIONS = (
     ("D", "0.4.8", "MatchResult; KV-cache events; mem_cache.allocator; monotonic clock"),
     ("E", "0.5.2", "allocators take need_sort, keep release_pages"),
     ("F", "0.5.3", "RadixKey keys; eviction policies"),
-    ("G", "0.5.7", "RadixCache(CacheInitParams); SHA-256 event hashes"),
+    ("G", "0.5.6", "RadixCache(CacheInitParams); SHA-256 event hashes"),
     ("H", "0.5.8", "match_prefix(MatchPrefixParams)"),
     ("I", "0.5.9", "insert(InsertParams) -> InsertResult; evict(EvictParams); evictable_leaves"),
     ("J", "0.5.18", "RadixKey over array('q') with child_key(); free_segment; UnifiedRadixCache"),
@@ -45,7 +45,7 @@ GENERATIONS = (
 )
 """(name, first release, what changed): the API generations of the classic RadixCache. The
 first release of each is the first one read that has it; releases between two read ones
-(0.4.5-0.4.7, 0.4.10-0.5.1, 0.5.6, 0.5.10-0.5.17, 0.5.20-0.5.21) are named by the earlier."""
+(0.4.5-0.4.7, 0.4.10-0.5.1, 0.5.10-0.5.17, 0.5.20-0.5.21) are named by the earlier."""
 
 
 def release_tuple(version: str) -> tuple[int, ...]:
