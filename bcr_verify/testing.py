@@ -450,35 +450,25 @@ class PrefixCacheConformance:
         if raw is None:
             return self._single_writer_adapter(bs)
         cache = SingleWriter(raw)
-        errors: list[BaseException] = []
 
         def writer(t):
-            try:
-                kept = []
-                for i, tokens in enumerate(_distinct_prompts(60, 3, bs, offset=t * 1000)):
-                    vals = [(t, i, j) for j in range(3)]
-                    cache.insert(tokens, vals)
-                    length, got = cache.match_prefix(tokens)
-                    assert (length, list(got)) == (len(tokens), vals), (
-                        f"thread {t} read back {got} for its own blocks {vals}")
-                    if i % 2:
-                        cache.evict(vals[1])
-                        kept.append((tokens, vals[:1]))
-                    else:
-                        kept.append((tokens, vals))
-                for tokens, vals in kept:
-                    length, got = cache.match_prefix(tokens)
-                    assert list(got) == vals, f"thread {t}: {got} != {vals}"
-            except BaseException as exc:  # re-raised in the main thread
-                errors.append(exc)
+            kept = []
+            for i, tokens in enumerate(_distinct_prompts(60, 3, bs, offset=t * 1000)):
+                vals = [(t, i, j) for j in range(3)]
+                cache.insert(tokens, vals)
+                length, got = cache.match_prefix(tokens)
+                assert (length, list(got)) == (len(tokens), vals), (
+                    f"thread {t} read back {got} for its own blocks {vals}")
+                if i % 2:
+                    cache.evict(vals[1])
+                    kept.append((tokens, vals[:1]))
+                else:
+                    kept.append((tokens, vals))
+            for tokens, vals in kept:
+                length, got = cache.match_prefix(tokens)
+                assert list(got) == vals, f"thread {t}: {got} != {vals}"
 
-        threads = [threading.Thread(target=writer, args=(t,)) for t in range(self.writer_threads)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        if errors:
-            raise errors[0]
+        self._run_writers(writer)
         cache.assert_invariants()
         if hasattr(cache, "__len__"):
             want = self.writer_threads * (30 * 3 + 30 * 1)
@@ -488,27 +478,35 @@ class PrefixCacheConformance:
         """Threads take turns through one lock (a cache bound to the thread that made it, or
         keeping per-thread state, fails here); each thread's lookups are judged by the model."""
         lockstep = SingleWriter(self._lockstep(bs, self.writer_threads * 60 * 4 + 8))
-        errors: list[BaseException] = []
 
         def writer(t):
+            prompts = list(_distinct_prompts(60, 3, bs, offset=t * 1000))
+            for tokens in prompts:
+                lockstep.finish(lockstep.begin(tokens))
+                lockstep.match(tokens)
+            for tokens in prompts:
+                lockstep.match(tokens)
+
+        self._run_writers(writer)
+        lockstep.check()
+
+    def _run_writers(self, writer) -> None:
+        """``writer(t)`` on ``writer_threads`` threads at once; the first failure re-raised here."""
+        errors: list[BaseException] = []
+
+        def guarded(t):
             try:
-                prompts = list(_distinct_prompts(60, 3, bs, offset=t * 1000))
-                for tokens in prompts:
-                    lockstep.finish(lockstep.begin(tokens))
-                    lockstep.match(tokens)
-                for tokens in prompts:
-                    lockstep.match(tokens)
+                writer(t)
             except BaseException as exc:  # re-raised in the main thread
                 errors.append(exc)
 
-        threads = [threading.Thread(target=writer, args=(t,)) for t in range(self.writer_threads)]
+        threads = [threading.Thread(target=guarded, args=(t,)) for t in range(self.writer_threads)]
         for th in threads:
             th.start()
         for th in threads:
             th.join()
         if errors:
             raise errors[0]
-        lockstep.check()
 
     def test_reentrant_mutation_refused(self):
         hook = type(self).__dict__.get("install_mutation_callback") or self.install_mutation_callback
