@@ -37,8 +37,12 @@ def self_parent(events):
             for e in events]
 
 
-def content_only_hash(events, memo={}):
-    out = []
+RENAMED: dict = {}
+"""content_only_hash's real hash -> content hash, kept across steps to rename parents."""
+
+
+def content_only_hash(events):
+    memo, out = RENAMED, []
     for e in events:
         if isinstance(e, Stored):
             new = tuple(hash(tuple(e.tokens[i * BS:(i + 1) * BS])) for i in range(len(e.hashes)))
