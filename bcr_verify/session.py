@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from hypothesis import strategies as st
 
 from bcr_verify.adapters.registry import resolve
-from bcr_verify.errors import UsageError
+from bcr_verify.errors import AdapterUnavailable, SetupError, UsageError
 from bcr_verify.guard import DEFAULT_OP_TIMEOUT
 from bcr_verify.lockstep import Lockstep, StepBudget
 
@@ -34,8 +34,11 @@ def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pag
         raise UsageError(f"block_size must be a positive int, got {block_size!r}")
     if not implementations:
         raise UsageError("implementations: name at least one (see `bcr-verify impls`)")
-    adapters = [resolve(name).build(block_size, capacity_pages, events)
-                for name in implementations]
+    try:
+        adapters = [resolve(name).build(block_size, capacity_pages, events)
+                    for name in implementations]
+    except AdapterUnavailable as exc:  # available, but not with what was asked of it
+        raise SetupError(f"impl: {exc}") from None
     observers = []
     if events:
         from bcr_verify.events import EventsOracle
