@@ -312,6 +312,10 @@ class PrefixCacheConformance:
                              f"evictions, {s.get('refused', 0)} refused"
                              for name, s in totals["implementations"].items())
         opts.soak_reports.append(f"{request.node.nodeid}: {totals['steps']} steps; {coverage}")
+        for name, counts in (totals.get("events") or {}).get("lanes", {}).items():
+            opts.soak_reports.append(
+                f"{request.node.nodeid}: events of {name}: {counts.get('blocks_stored', 0)} "
+                f"blocks stored, {counts.get('blocks_removed', 0)} removed, every one checked")
         for warning in vacuity_warnings(totals, {}):
             opts.soak_reports.append(f"{request.node.nodeid}: WARNING (pass may be vacuous): "
                                      f"{warning}")

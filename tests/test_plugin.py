@@ -191,3 +191,15 @@ def test_known_marker_counts_the_known_bug_and_passes(project):
     assert out.returncode == 0, out.stdout[-3000:]
     assert "known failure 'match' hit" in out.stdout
     assert list((project / "found").glob("match-*.json"))
+
+
+def test_events_option_checks_a_real_caches_events(project):
+    """--bcr-events: SGLang's RadixCache runs beside the project's cache with its KV events
+    checked; the coverage summary says so, and the project's cache is reported silent."""
+    out = pytest_run(project, "--hypothesis-profile", "dev", "--bcr-events",
+                     "--bcr-impl", "sglang-radix", "-k", "lockstep", "-rA", timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "bcr-verify lockstep coverage" in out.stdout
+    line = next(l for l in out.stdout.splitlines() if "events of sglang-radix" in l)
+    stored = int(line.split(": ")[-1].split(" blocks stored")[0])
+    assert stored > 0, line
