@@ -478,10 +478,7 @@ class Lockstep:
         evicted = [p for p in want if p in shadow]
         for page in evicted:
             shadow.evict_copy(page)
-        if evicted:
-            self.comparable = False
-            lane.stats.evictions += 1
-            lane.stats.evicted_tokens += len(evicted) * self.block_size
+        self._evicted(lane, len(evicted))
 
     def _alloc(self, lane: Lane, n: int) -> list[int] | None:
         missing = n - lane.adapter.available_pages()
@@ -591,10 +588,7 @@ class Lockstep:
             freed = []
             for value in lane.shadow.lru_victims(num_tokens):
                 freed += self._evict_explicit(lane, value)
-        if freed:
-            self.comparable = False
-            lane.stats.evictions += 1
-            lane.stats.evicted_tokens += len(freed) * self.block_size
+        self._evicted(lane, len(freed))
 
     def _evict_value(self, lane: Lane, pick: int) -> None:
         if lane.lazy:
@@ -607,9 +601,15 @@ class Lockstep:
             return
         lane.stats.ops["evict_value"] += 1
         freed = self._evict_explicit(lane, candidates[pick % len(candidates)])
-        self.comparable = False
-        lane.stats.evictions += 1
-        lane.stats.evicted_tokens += len(freed) * self.block_size
+        self._evicted(lane, len(freed))
+
+    def _evicted(self, lane: Lane, pages: int) -> None:
+        """Count an eviction of ``pages`` pages (none: nothing happened); lanes whose contracts
+        differ no longer hold the same content."""
+        if pages:
+            self.comparable = False
+            lane.stats.evictions += 1
+            lane.stats.evicted_tokens += pages * self.block_size
 
     def _uncache_one(self, lane: Lane, pick: int) -> None:
         """A lazy cache told to evict one unreferenced copy (vLLM's ``evict_blocks``)."""
@@ -623,9 +623,7 @@ class Lockstep:
             raise lane.diverge("evict", f"evicting the copy in page {value} evicted "
                                f"{short(list(got))}, model: [{value}]")
         lane.shadow.evict_copy(value)
-        self.comparable = False
-        lane.stats.evictions += 1
-        lane.stats.evicted_tokens += self.block_size
+        self._evicted(lane, 1)
 
     def _evict_explicit(self, lane: Lane, value: int) -> list[int]:
         want = lane.shadow.subtree_values(value)
