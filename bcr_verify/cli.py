@@ -78,6 +78,13 @@ def _positive_float(name):
     return _positive(float, name)
 
 
+EVENTS_HELP = ("check every KV-cache event of the implementations that publish them "
+               "(SGLang's caches from 0.4.8, vLLM): each against the model, and replayed "
+               "into a refcounting index and Dynamo's RadixTree that must agree with the "
+               "cache (docs/events.md)")
+"""``--events`` of ``run`` and ``soak``."""
+
+
 def add_impl_args(parser: argparse.ArgumentParser, faults: bool = True) -> None:
     """Options shared by every command that runs implementations; ``faults``: with the
     timeout and supervision options of commands that report hangs and crashes."""
@@ -497,11 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "under a relaxation the model accepts for radix trees (whole-node "
                         "over-eviction, split refresh) fails the run; by default each is "
                         "counted, with a witness trace")
-    p.add_argument("--events", action="store_true",
-                   help="check every KV-cache event of the implementations that publish them "
-                        "(SGLang's caches from 0.4.8, vLLM): each against the model, and "
-                        "replayed into a refcounting index and Dynamo's RadixTree that must "
-                        "agree with the cache (docs/events.md)")
+    p.add_argument("--events", action="store_true", help=EVENTS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_run, supervise=True)
 

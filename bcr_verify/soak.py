@@ -699,7 +699,7 @@ def cmd_soak(args) -> int:
 
 
 def register(subparsers) -> None:
-    from bcr_verify.cli import _positive_float, _positive_int, add_impl_args
+    from bcr_verify.cli import EVENTS_HELP, _positive_float, _positive_int, add_impl_args
 
     import argparse
 
@@ -725,11 +725,7 @@ def register(subparsers) -> None:
                    help="sample RSS and sizes this often (default: ~240 samples per run)")
     p.add_argument("--strict-lru", action="store_true",
                    help="an eviction legal only under a relaxation of strict LRU is a failure")
-    p.add_argument("--events", action="store_true",
-                   help="check every KV-cache event of the implementations that publish them "
-                        "(SGLang's caches from 0.4.8, vLLM): each against the model, and "
-                        "replayed into a refcounting index and Dynamo's RadixTree that must "
-                        "agree with the cache (docs/events.md)")
+    p.add_argument("--events", action="store_true", help=EVENTS_HELP)
     p.add_argument("--shape", choices=("mixed", "deep"), default="mixed",
                    help="mixed: the workload's prompts with flushes (default); deep: long "
                         "chains (past 1,000 radix nodes) and fan-outs, never flushed")
