@@ -76,6 +76,7 @@ class ReferenceCache:
         self.clock = 0
         self._root_children: dict[tuple[int, ...], Block] = {}
         self._by_value: dict[Hashable, Block] = {}
+        self._pinned = 0  # copies with a reference; protected_tokens is read on every admission
         self.changes: list[tuple] | None = None
         """When a list: every copy cached ``("+", block, value)`` and every copy dropped
         ``("-", block, value)``, in order, and ``("clear",)`` for a flush, for an observer
@@ -102,7 +103,7 @@ class ReferenceCache:
     @property
     def protected_tokens(self) -> int:
         """Tokens in blocks held by at least one acquire (SGLang's ``protected_size``)."""
-        return sum(1 for v, b in self._by_value.items() if b.copies[v]) * self.block_size
+        return self._pinned * self.block_size
 
     @property
     def evictable_tokens(self) -> int:
@@ -243,6 +244,7 @@ class ReferenceCache:
         values = list(values)
         blocks = [self._block(v, "values") for v in values]
         for value, block in zip(values, blocks):
+            self._pinned += not block.copies[value]
             block.copies[value] += 1
 
     def release(self, values: Iterable[Hashable]) -> None:
@@ -258,11 +260,13 @@ class ReferenceCache:
                 )
         for value, block in zip(values, blocks):
             block.copies[value] -= 1
+            self._pinned -= not block.copies[value]
 
     def reset(self) -> None:
         """Drop everything, in-use blocks included (SGLang's ``flush_cache``)."""
         self._root_children.clear()
         self._by_value.clear()
+        self._pinned = 0
         if self.changes is not None:
             self.changes.append(("clear",))
 
@@ -354,6 +358,8 @@ class ReferenceCache:
             stack.extend((block, k, c) for k, c in block.children.items())
         assert sum(len(b.copies) for b in seen.values()) == len(self._by_value), \
             "value index holds blocks not in the trie"
+        assert self._pinned == sum(1 for v, b in self._by_value.items() if b.copies[v]), \
+            "pinned-copy count drifted from the copies' reference counts"
 
     # ----------------------------------------------------------------- internals
 
@@ -361,13 +367,19 @@ class ReferenceCache:
         if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
             raise TypeError(f"{name} must be a sequence of ints, got {type(token_ids).__name__}")
         tokens = list(token_ids)
+        if not all(type(t) is int for t in tokens) or (tokens and min(tokens) < 0):
+            self._reject_tokens(tokens, name)
+        n = len(tokens) // self.block_size * self.block_size
+        return [tuple(tokens[i:i + self.block_size]) for i in range(0, n, self.block_size)]
+
+    @staticmethod
+    def _reject_tokens(tokens: list, name: str) -> None:
+        """Name the first token that is not an int >= 0 (an int subclass is judged here)."""
         for i, t in enumerate(tokens):
             if isinstance(t, bool) or not isinstance(t, int):
                 raise TypeError(f"{name}[{i}] must be an int, got {type(t).__name__}")
             if t < 0:
                 raise ValueError(f"{name}[{i}] must be >= 0, got {t}")
-        n = len(tokens) // self.block_size * self.block_size
-        return [tuple(tokens[i:i + self.block_size]) for i in range(0, n, self.block_size)]
 
     @staticmethod
     def _check_count(n: int, name: str) -> None:
@@ -424,8 +436,9 @@ class ReferenceCache:
     def _remove(self, blocks: list[Block]) -> None:
         for block in blocks:
             self._children(block.parent).pop(block.tokens, None)
-            for value in block.copies:
+            for value, refs in block.copies.items():
                 del self._by_value[value]
+                self._pinned -= bool(refs)
                 if self.changes is not None:
                     self.changes.append(("-", block, value))
 
