@@ -367,7 +367,7 @@ class ReferenceCache:
         if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
             raise TypeError(f"{name} must be a sequence of ints, got {type(token_ids).__name__}")
         tokens = list(token_ids)
-        if not all(type(t) is int for t in tokens) or (tokens and min(tokens) < 0):
+        if tokens and (set(map(type, tokens)) != {int} or min(tokens) < 0):
             self._reject_tokens(tokens, name)
         n = len(tokens) // self.block_size * self.block_size
         return [tuple(tokens[i:i + self.block_size]) for i in range(0, n, self.block_size)]
