@@ -209,7 +209,9 @@ class Lockstep:
         self.lanes = [Lane(a) for a in adapters]
         self.check_every = check_every
         self.observers = list(observers)
-        self.requests: dict[int, tuple[list[int], dict[str, Held]]] = {}
+        self.requests: dict[int, tuple[list[int], list, dict[str, Held]]] = {}
+        """Running requests: rid -> (prompt, its blocks as the models cut it, what each lane
+        holds)."""
         self.next_rid = 0
         self.steps: list[dict] = []
         self.forgotten = 0
@@ -247,9 +249,10 @@ class Lockstep:
         """
         tokens = list(tokens)
         def run():
+            blocks = self.lanes[0].shadow.split(tokens)
             lengths = {}
             for lane in self.lanes:
-                got = self._match(lane, tokens)
+                got = self._match(lane, tokens, blocks)
                 lengths[lane.name] = got.length
                 for observer in self.observers:
                     observer.on_match(lane.name, tokens, list(got.pages))
@@ -378,9 +381,12 @@ class Lockstep:
                 raise lane.diverge("free count", f"the cache counts {free} free pages, the "
                                    f"model's free queue holds {len(lane.queue)}")
 
-    def _match(self, lane: Lane, tokens: list[int]):
+    def _match(self, lane: Lane, tokens: list[int], blocks: list):
+        """One lane's lookup of ``tokens`` (cut into ``blocks`` by :meth:`ReferenceCache.split`)
+        against its model."""
         cap = lane.contract.hit_cap
-        want_len, want_pages = lane.shadow.match_prefix(tokens[:max(0, len(tokens) - cap)])
+        want_len, want_pages = lane.shadow.match_blocks(
+            blocks[:max(0, len(tokens) - cap) // self.block_size] if cap else blocks)
         got = lane.adapter.match(tokens)
         if (got.length, list(got.pages)) != (want_len, want_pages):
             at = next((i for i, (g, w) in enumerate(zip(got.pages, want_pages)) if g != w),
@@ -400,8 +406,9 @@ class Lockstep:
 
     def _begin(self, tokens: list[int]) -> int | None:
         held: dict[str, Held] = {}
+        blocks = self.lanes[0].shadow.split(tokens)
         for lane in self.lanes:
-            admitted = self._admit(lane, tokens)
+            admitted = self._admit(lane, tokens, blocks)
             if admitted is not None:
                 held[lane.name] = admitted
         if len(held) != len(self.lanes):
@@ -411,13 +418,13 @@ class Lockstep:
             return None
         rid = self.next_rid
         self.next_rid += 1
-        self.requests[rid] = (tokens, held)
+        self.requests[rid] = (tokens, blocks, held)
         return rid
 
-    def _admit(self, lane: Lane, tokens: list[int]) -> Held | None:
+    def _admit(self, lane: Lane, tokens: list[int], blocks: list) -> Held | None:
         """One lane admits a request, or refuses it; either is judged against its model."""
         contract, shadow, bs = lane.contract, lane.shadow, self.block_size
-        got = self._match(lane, tokens)
+        got = self._match(lane, tokens, blocks)
         matched = list(got.pages)
         full = len(tokens) // bs
         need = (-(-len(tokens) // bs) if contract.tail_page else full) - len(matched)
@@ -442,7 +449,8 @@ class Lockstep:
                                f"the model counts {room} free or evictable")
         if contract.matchable == "alloc":
             kept = contract.duplicates == "kept"
-            existing = shadow.insert(tokens, (matched + new)[:full], keep_duplicates=kept) // bs
+            existing = shadow.insert_blocks(blocks, (matched + new)[:full],
+                                            keep_duplicates=kept) // bs
             lane.stats.duplicates_kept += max(0, existing - len(matched)) if kept else 0
             cached = [p for p in new if p in shadow]
             shadow.acquire(cached)
@@ -505,7 +513,7 @@ class Lockstep:
         if rid not in self.requests:
             raise UsageError(f"rid: no running request {rid} (a trace whose begin was refused "
                              "or never ran here: replayed at another block size or capacity?)")
-        tokens, held = self.requests.pop(rid)
+        tokens, blocks, held = self.requests.pop(rid)
         if not finished:
             self.comparable = False
         for lane in self.lanes:
@@ -521,7 +529,7 @@ class Lockstep:
                 continue
             pages = h.matched + h.new
             got = lane.adapter.insert(tokens, pages, owned_from=len(h.matched))
-            want_prefix = lane.shadow.insert(tokens, pages)
+            want_prefix = lane.shadow.insert_blocks(blocks, pages)
             want_freed = pages[len(h.matched): want_prefix // self.block_size]
             if got.prefix_len != want_prefix:
                 raise lane.diverge(

@@ -25,10 +25,10 @@ check passed but too few samples to judge growth) and ``interrupted``.
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import resource
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -145,38 +145,6 @@ class DeepDrawer:
         return chain[:self.rng.randrange(len(chain) + 1)]
 
 
-# ------------------------------------------------------------------ timing of raw impl calls
-
-
-class CallTimer:
-    """Wraps each lane adapter's methods to add up the time spent inside the implementation."""
-
-    def __init__(self):
-        self.ns: Counter = Counter()
-        self.calls: Counter = Counter()
-
-    def wrap(self, adapter, methods, bucket_of) -> None:
-        clock = time.perf_counter_ns
-        for name in methods:
-            original = getattr(adapter, name, None)
-            if original is None:
-                continue
-            key = (adapter.name, bucket_of(name))
-
-            def timed(*args, _original=original, _key=key, **kwargs):
-                t = clock()
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    self.ns[_key] += clock() - t
-                    self.calls[_key] += 1
-            setattr(adapter, name, timed)
-
-    def seconds(self, impl: str | None = None, bucket: str | None = None) -> float:
-        return sum(v for (i, b), v in self.ns.items()
-                   if (impl is None or i == impl) and (bucket is None or b == bucket)) / 1e9
-
-
 # ------------------------------------------------------------------ sampling
 
 
@@ -227,7 +195,7 @@ def sample(lockstep, ops: int, start: float) -> dict:
     from bcr_verify.shape import lockstep_shape
 
     return {"t": round(time.monotonic() - start, 2), "ops": ops, "rss_mb": round(rss_mb(), 2),
-            "gc_objects": len(gc.get_objects()), "lanes": lanes,
+            "heap_blocks": sys.getallocatedblocks(), "lanes": lanes,
             "tree_shape": lockstep_shape(lockstep)}
 
 
@@ -247,7 +215,7 @@ RSS_DRIFT_MB = 8.0
 """Fitted RSS growth over the measured window above which the verdict is "growing"."""
 RSS_DRIFT_FRACTION = 0.02
 COUNT_DRIFT_FRACTION = 0.25
-"""Fitted growth of a bounded count (nodes, gc objects) above this fraction of its mean."""
+"""Fitted growth of a bounded count (nodes, Python heap blocks) above this fraction of its mean."""
 WARMUP_FRACTION = 0.2
 
 
@@ -257,8 +225,10 @@ def growth_verdict(samples: list[dict], capacity_pages: int | None = None) -> di
     The first ``WARMUP_FRACTION`` of samples (allocator pools, interpreter caches filling) is
     dropped; over the rest each series gets a least-squares slope against operations. The
     drift is slope × operations in that window. RSS is "growing" when its fitted drift exceeds
-    ``max(RSS_DRIFT_MB, RSS_DRIFT_FRACTION × RSS)``; a count (live nodes per lane, Python
-    objects) when its drift exceeds ``COUNT_DRIFT_FRACTION`` × its mean + 2, and a lane's
+    ``max(RSS_DRIFT_MB, RSS_DRIFT_FRACTION × RSS)``; a count (Python's allocated heap
+    blocks, ``sys.getallocatedblocks()``: every small object a leak keeps, read in well under
+    a millisecond where counting ``gc.get_objects()`` took ~110 ms a sample) when its drift
+    exceeds ``COUNT_DRIFT_FRACTION`` × its mean + 2, and a lane's
     live nodes / blocks when theirs exceeds the whole pool (``capacity_pages``): those swing
     between empty and full with flushes, and a short run may only fill the pool once, while a
     leak keeps climbing past it. Bounded caches churning at steady state give near-zero
@@ -270,7 +240,7 @@ def growth_verdict(samples: list[dict], capacity_pages: int | None = None) -> di
     xs = [s["ops"] for s in kept]
     span = xs[-1] - xs[0]
     series: dict[str, list[float]] = {"rss_mb": [s["rss_mb"] for s in kept],
-                                      "gc_objects": [s["gc_objects"] for s in kept]}
+                                      "heap_blocks": [s["heap_blocks"] for s in kept]}
     for name in kept[0]["lanes"]:
         for key in ("nodes", "cached_blocks"):
             values = [s["lanes"][name][key] for s in kept]
@@ -283,7 +253,7 @@ def growth_verdict(samples: list[dict], capacity_pages: int | None = None) -> di
         mean = sum(ys) / len(ys)
         if key == "rss_mb":
             limit = max(RSS_DRIFT_MB, RSS_DRIFT_FRACTION * mean)
-        elif key == "gc_objects" or not capacity_pages:
+        elif key == "heap_blocks" or not capacity_pages:
             limit = COUNT_DRIFT_FRACTION * mean + 2
         else:  # a lane's nodes / blocks: bounded by the pool, so churn swings up to it
             limit = capacity_pages
@@ -363,10 +333,6 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     lockstep = build_lockstep(impls, config.block_size, capacity, check_every=config.check_every,
                               op_timeout=config.op_timeout, budget=budget,
                               strict_lru=config.strict_lru, events=config.events)
-    timer = CallTimer()
-    for lane in lockstep.lanes:
-        timer.wrap(lane.adapter, TIMED, lambda m: "op")
-        timer.wrap(lane.adapter, CHECKS, lambda m: "check")
     explicit = any(l.adapter.contract.eviction in ("explicit", "lazy") for l in lockstep.lanes)
     rng = random.Random(config.seed)
     clock_mask = 15 if deep else 255  # deep steps take ~50 ms: read the clock more often
@@ -386,6 +352,8 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     failure: VerificationFailure | FatalFinding | None = None
     window: list[dict] = []
     begin_map: dict[int, int] = {}
+    for lane in lockstep.lanes:  # what building the lanes called is not the soak's
+        lane.adapter.call_times.reset()
     start = time.monotonic()
     next_sample = start
     interrupted = False
@@ -499,16 +467,16 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                                       "flush kept")
         trace_path = str(trace.save(config.trace_dir))
 
-    raw_op = timer.seconds(bucket="op")
-    raw_check = timer.seconds(bucket="check")
+    times = {lane.name: lane.adapter.call_times for lane in lockstep.lanes}
+    raw_op = sum(t.seconds(TIMED) for t in times.values())
+    raw_check = sum(t.seconds(CHECKS) for t in times.values())
     lanes = len(lockstep.lanes)
     per_impl = {}
     for lane in lockstep.lanes:
-        op_s = timer.seconds(lane.name, "op")
-        calls = sum(v for (i, b), v in timer.calls.items() if i == lane.name and b == "op")
+        op_s = times[lane.name].seconds(TIMED)
         per_impl[lane.name] = {
-            "raw_op_seconds": round(op_s, 3), "raw_calls": calls,
-            "check_seconds": round(timer.seconds(lane.name, "check"), 3),
+            "raw_op_seconds": round(op_s, 3), "raw_calls": times[lane.name].count(TIMED),
+            "check_seconds": round(times[lane.name].seconds(CHECKS), 3),
             "raw_ops_per_second_alone": round(total_ops / op_s, 1) if op_s else None,
             **lane.stats.as_dict(),
         }

@@ -41,7 +41,7 @@ def test_same_seed_same_run():
 
 
 def _samples(rss, nodes):
-    return [{"ops": i * 1000, "rss_mb": r, "gc_objects": 1000,
+    return [{"ops": i * 1000, "rss_mb": r, "heap_blocks": 1000,
              "lanes": {"x": {"nodes": n, "cached_blocks": n}}} for i, (r, n) in
             enumerate(zip(rss, nodes))]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Sequence
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Block:
     """One cached block: ``block_size`` tokens below ``parent``, held in one page or more.
 
@@ -51,6 +51,11 @@ class Block:
     @property
     def refs(self) -> int:
         return sum(self.copies.values())
+
+    @property
+    def pinned(self) -> bool:
+        """Some copy is held by a running request."""
+        return any(self.copies.values())
 
 
 RELAXATIONS = {
@@ -152,7 +157,17 @@ class ReferenceCache:
 
         A match counts as a use for LRU: the matched blocks are stamped with the clock.
         """
-        blocks = self._split(token_ids, "token_ids")
+        return self.match_blocks(self._split(token_ids, "token_ids"))
+
+    def split(self, token_ids: Sequence[int]) -> list[tuple[int, ...]]:
+        """``token_ids`` validated and cut into full blocks, for :meth:`match_blocks` and
+        :meth:`insert_blocks`. Validating and cutting a long prompt costs more than walking
+        the trie with it, and every lane's model of one lockstep step sees the same prompt,
+        so the cut is made once and shared."""
+        return self._split(token_ids, "token_ids")
+
+    def match_blocks(self, blocks: list[tuple[int, ...]]) -> tuple[int, list[Hashable]]:
+        """:meth:`match_prefix` on blocks made by :meth:`split` of a model of this block size."""
         path = self._walk(blocks)
         self._touch(path, len(path))
         return len(path) * self.block_size, [b.value for b in path]
@@ -166,7 +181,13 @@ class ReferenceCache:
         the block, cached too. Returns the number of tokens that were already cached (SGLang's
         ``InsertResult.prefix_len``).
         """
-        blocks = self._split(token_ids, "token_ids")
+        return self.insert_blocks(self._split(token_ids, "token_ids"), block_values,
+                                  keep_duplicates)
+
+    def insert_blocks(self, blocks: list[tuple[int, ...]], block_values: Sequence[Hashable],
+                      keep_duplicates: bool = False) -> int:
+        """:meth:`insert` on blocks made by :meth:`split` of a model of this block size; the
+        values are validated as :meth:`insert` validates them."""
         values = list(block_values) if not isinstance(block_values, (str, bytes)) else None
         if values is None:
             raise TypeError("block_values must be a sequence of values, one per full block")
@@ -177,38 +198,37 @@ class ReferenceCache:
             )
         path = self._walk(blocks)
         existing = len(path)
-        new_values = values[existing:] + [
-            v for b, v in zip(path, values) if keep_duplicates and v not in b.copies]
-        for value in new_values:
-            try:
-                hash(value)
-            except TypeError:
-                raise TypeError(f"block_values must be hashable, got {type(value).__name__}") from None
-        if len(set(new_values)) != len(new_values):
+        copies = [(b, v) for b, v in zip(path, values) if v not in b.copies] \
+            if keep_duplicates else []
+        new_values = values[existing:] + [v for _, v in copies]
+        try:
+            distinct = set(new_values)
+        except TypeError:
+            for value in new_values:
+                try:
+                    hash(value)
+                except TypeError:
+                    raise TypeError("block_values must be hashable, got "
+                                    f"{type(value).__name__}") from None
+            raise
+        if len(distinct) != len(new_values):
             raise ValueError("block_values repeats a value: each cached block needs its own")
-        taken = [v for v in new_values if v in self._by_value]
-        if taken:
+        if not distinct.isdisjoint(self._by_value):
+            taken = [v for v in new_values if v in self._by_value]
             raise ValueError(f"block_values {taken[:3]} are already cached under another prefix")
 
         self._touch(path, existing)
-        parent = None
-        for i, (block_tokens, value) in enumerate(zip(blocks, values)):
-            if i < existing:
-                block = path[i]
-                if value in block.copies or not keep_duplicates:
-                    parent = block
-                    continue
-            else:
-                block = self._children(parent).get(block_tokens)
-                if block is None:
-                    block = Block(block_tokens, {}, parent)
-                    self._children(parent)[block_tokens] = block
-                block.used = block.maybe_used = self.clock
-            block.copies[value] = 0
-            self._by_value[value] = block
-            if self.changes is not None:
-                self.changes.append(("+", block, value))
-            parent = block
+        for block, value in copies:
+            self._cache_copy(block, value)
+        parent = path[-1] if path else None
+        children = self._children(parent)
+        for block_tokens, value in zip(blocks[existing:], values[existing:]):
+            block = children.get(block_tokens)
+            if block is None:
+                block = children[block_tokens] = Block(block_tokens, {}, parent)
+            block.used = block.maybe_used = self.clock
+            self._cache_copy(block, value)
+            parent, children = block, block.children
         return existing * self.block_size
 
     def evict(self, block_value: Hashable) -> list[Hashable]:
@@ -301,7 +321,7 @@ class ReferenceCache:
             raise ValueError(f"freed {unknown[:3]}, which this cache does not hold")
         gone = {id(self._by_value[v]) for v in freed}
         blocks = [self._by_value[v] for v in freed]
-        pinned = [b.value for b in blocks if b.refs]
+        pinned = [b.value for b in blocks if b.pinned]
         if pinned:
             raise ValueError(f"evicted {pinned[:3]}, which a running request holds")
         orphans = [c.value for b in blocks for c in b.children.values() if id(c) not in gone]
@@ -315,7 +335,7 @@ class ReferenceCache:
             )
         kept_leaves = [
             b for b in self._by_value.values()
-            if not b.children and not b.refs and id(b) not in gone
+            if not b.children and id(b) not in gone and not b.pinned
         ]
         relaxed = []
         if blocks and kept_leaves:
@@ -416,6 +436,12 @@ class ReferenceCache:
             (block,) = children.values()
             block.maybe_used = self.clock
             children = block.children
+
+    def _cache_copy(self, block: Block, value: Hashable) -> None:
+        block.copies[value] = 0
+        self._by_value[value] = block
+        if self.changes is not None:
+            self.changes.append(("+", block, value))
 
     def _block(self, value: Hashable, name: str) -> Block:
         try:
