@@ -9,12 +9,14 @@ reported finding with a saved trace instead of the end of the harness.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,6 +105,17 @@ def add_impl_args(parser: argparse.ArgumentParser, faults: bool = True) -> None:
         add_fault_args(parser)
 
 
+def add_shrink_arg(parser: argparse.ArgumentParser) -> None:
+    """``--shrink-seconds`` of the commands that shrink what they find."""
+    from bcr_verify.lockstep import DEFAULT_SHRINK_SECONDS
+
+    parser.add_argument("--shrink-seconds", type=_positive_float("--shrink-seconds"),
+                        default=DEFAULT_SHRINK_SECONDS, metavar="S",
+                        help="shrink a failure for at most this long, showing progress; then "
+                             "(or on Ctrl-C) the smallest failing example found so far is saved "
+                             f"(default {DEFAULT_SHRINK_SECONDS:g})")
+
+
 def add_fault_args(parser: argparse.ArgumentParser) -> None:
     """Options of every command that calls into implementations."""
     from bcr_verify.guard import DEFAULT_OP_TIMEOUT
@@ -114,6 +127,22 @@ def add_fault_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run in this process, without the supervising parent: a crash of "
                              "an implementation then ends bcr-verify too (for debuggers)")
+
+
+@contextlib.contextmanager
+def verdict_reached():
+    """Once a run has its verdict, an interrupt no longer changes it: the report is written
+    whole and the exit code is the verdict's (a late Ctrl-C used to turn a saved finding into
+    exit 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def cmd_impls(args) -> int:
@@ -187,7 +216,7 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from bcr_verify.runner import RunConfig, run, write_json
+    from bcr_verify.runner import RunConfig, run
     from bcr_verify.session import progress_printer
 
     config = RunConfig(
@@ -195,9 +224,16 @@ def cmd_run(args) -> int:
         max_steps=None if args.minutes else args.max_steps, minutes=args.minutes,
         workload=args.workload, kv_replay=args.kv_replay, trace_dir=args.trace_dir,
         op_timeout=args.op_timeout, known=tuple(args.known or ()), strict_lru=args.strict_lru,
-        events=args.events)
+        events=args.events, shrink_seconds=args.shrink_seconds)
     show = None if args.quiet else progress_printer()
     result = run(config, progress=show)
+    with verdict_reached():
+        return _report_run(args, result, show)
+
+
+def _report_run(args, result, show) -> int:
+    from bcr_verify.runner import write_json
+
     if show:
         show("", final=True)
     report = result.as_dict()
@@ -222,7 +258,8 @@ def print_report(report: dict) -> None:
           f"({report['steps_per_second']} steps/s); operations: {report['operations']}")
     if report.get("shrink_steps"):
         print(f"shrinking: {report['shrink_steps']} more steps in {report['shrink_examples']} "
-              "examples (not counted above)")
+              f"examples over {report['shrink_seconds']} s (not counted above)"
+              + (", stopped at --shrink-seconds" if report.get("shrink_capped") else ""))
     header = f"{'implementation':<22}{'lookups':>8}{'hits':>7}{'hit rate':>9}{'evictions':>10}" \
              f"{'evicted tok':>12}{'dup freed':>10}{'dup kept':>9}{'refused':>8}"
     print(header)
@@ -505,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "over-eviction, split refresh) fails the run; by default each is "
                         "counted, with a witness trace")
     p.add_argument("--events", action="store_true", help=EVENTS_HELP)
+    add_shrink_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_run, supervise=True)
 

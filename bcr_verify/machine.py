@@ -112,7 +112,7 @@ class LockstepMachine(RuleBasedStateMachine):
                 return None
             type(self).last_failure = trace
             if self.budget is not None:
-                self.budget.found(failure)  # Hypothesis shrinks from here on
+                self.budget.found(failure, len(trace.steps))  # Hypothesis shrinks from here on
             raise
 
     @rule(data=st.data())

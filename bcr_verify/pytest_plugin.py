@@ -20,7 +20,8 @@
   ``--bcr-kv-replay`` / ``bcr_kv_replay``, ``--bcr-events`` / ``bcr_events`` (check every
   KV-cache event, see :mod:`bcr_verify.events`), ``--bcr-corpus`` / ``bcr_corpus``,
   ``--bcr-soak-minutes`` / ``bcr_soak_minutes``, ``--bcr-op-timeout`` / ``bcr_op_timeout``
-  (seconds one implementation call may take before it is a hang finding; default 10);
+  (seconds one implementation call may take before it is a hang finding; default 10),
+  ``--bcr-shrink-seconds`` / ``bcr_shrink_seconds`` (how long a failure is shrunk; default 120);
   ``--bcr-replay-corpus`` also collects the
   corpus directory's traces.
 
@@ -43,6 +44,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 from bcr_verify.guard import DEFAULT_OP_TIMEOUT
+from bcr_verify.lockstep import DEFAULT_SHRINK_SECONDS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -85,6 +87,7 @@ class BcrOptions:
     corpus: Path = Path("corpus/traces")
     soak_minutes: float | None = None
     op_timeout: float = DEFAULT_OP_TIMEOUT
+    shrink_seconds: float = DEFAULT_SHRINK_SECONDS
     known: list[str] = field(default_factory=list)
     """Checks known to fail (``--bcr-known``, ini ``bcr_known``, marker ``bcr_known``)."""
     profile: str = "default"
@@ -152,6 +155,11 @@ def pytest_addoption(parser):
     group.addoption("--bcr-op-timeout", dest="bcr_op_timeout", type=float, metavar="S",
                     help="seconds one call into an implementation may take before it is "
                          f"reported hung (ini: bcr_op_timeout; default {DEFAULT_OP_TIMEOUT:g})")
+    group.addoption("--bcr-shrink-seconds", dest="bcr_shrink_seconds", type=float, metavar="S",
+                    help="shrink a lockstep failure for at most this long; then the smallest "
+                         "failing example so far is saved and reported (ini: "
+                         f"bcr_shrink_seconds; default {DEFAULT_SHRINK_SECONDS:g})")
+    parser.addini("bcr_shrink_seconds", "seconds a lockstep failure may be shrunk", default="")
     parser.addini("bcr_soak_minutes", "soak time budget in minutes", default="")
     parser.addini("bcr_op_timeout", "seconds one implementation call may take", default="")
     parser.addini("bcr_known", "checks known to fail", type="linelist", default=[])
@@ -170,6 +178,7 @@ def _options(config) -> BcrOptions:
                   else Path(config.invocation_params.dir) / corpus)
     minutes = _positive_number(config, "bcr_soak_minutes", "--bcr-soak-minutes")
     timeout = _positive_number(config, "bcr_op_timeout", "--bcr-op-timeout")
+    shrink = _positive_number(config, "bcr_shrink_seconds", "--bcr-shrink-seconds")
     kv = get("bcr_kv_replay")
     return BcrOptions(
         implementations=list(get("bcr_impls") or config.getini("bcr_impls")),
@@ -178,6 +187,7 @@ def _options(config) -> BcrOptions:
         events=bool(get("bcr_events") or config.getini("bcr_events")),
         corpus=corpus.resolve(), soak_minutes=minutes,
         op_timeout=DEFAULT_OP_TIMEOUT if timeout is None else timeout,
+        shrink_seconds=DEFAULT_SHRINK_SECONDS if shrink is None else shrink,
         known=list(get("bcr_known") or config.getini("bcr_known")),
         profile=get("hypothesis_profile", None) or "default",
         seed=get("hypothesis_seed", None))

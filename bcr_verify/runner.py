@@ -4,8 +4,9 @@ Hypothesis runs in chunks of examples, each chunk with its own seed derived from
 seed, until the budget is spent; this gives progress between chunks and a budget in steps or
 minutes, which Hypothesis's own settings cannot express. The step budget is exact: the step
 after the last one allowed ends the run where it stands (:class:`~bcr_verify.lockstep.StepBudget`).
-A failure stops the search; Hypothesis shrinks it (those steps are counted apart), and it is
-saved as a trace and printed with the command that replays it.
+A failure stops the search; Hypothesis shrinks it (those steps are counted apart, progress is
+shown as it goes) for at most ``shrink_seconds``, and the smallest failing example found by then
+is saved as a trace and printed with the command that replays it.
 
 Every way a run can end is a :attr:`RunResult.verdict`: ``pass``, ``fail`` (a divergence,
 an invariant violation, an implementation that raised or hung), or ``interrupted``
@@ -27,7 +28,9 @@ from hypothesis.stateful import run_state_machine_as_test
 from bcr_verify.adapters.registry import DEFAULT, resolve
 from bcr_verify.errors import FatalFinding, UsageError
 from bcr_verify.guard import DEFAULT_OP_TIMEOUT
-from bcr_verify.lockstep import BudgetSpent, StepBudget
+from bcr_verify.lockstep import (
+    DEFAULT_SHRINK_SECONDS, BudgetSpent, ShrinkCapReached, StepBudget,
+)
 from bcr_verify.machine import LockstepMachine
 from bcr_verify.session import TOTALS, vacuity_warnings
 from bcr_verify.trace import Trace
@@ -41,6 +44,8 @@ COUNTS = {
     "examples": "Hypothesis examples run while searching, each on fresh lanes",
     "shrink_steps": "lockstep steps executed while Hypothesis shrank a failure (not in steps)",
     "shrink_examples": "examples Hypothesis ran while shrinking",
+    "shrink_seconds": "seconds from the first failure to the end of shrinking (None: nothing "
+                      "failed); shrink_capped: it stopped at --shrink-seconds",
     "implementations.*.lookups": "prefix matches checked against the model (searching only)",
     "implementations.*.hits": "lookups that matched at least one block",
     "implementations.*.evictions": "evictions that freed at least one page",
@@ -68,6 +73,8 @@ class RunConfig:
     """Evictions legal only under a relaxation of strict LRU fail the run."""
     events: bool = False
     """Check every KV-cache event of the implementations that publish them."""
+    shrink_seconds: float | None = DEFAULT_SHRINK_SECONDS
+    """How long a failure may be shrunk; then the smallest failing example so far is kept."""
 
 
 @dataclass
@@ -154,11 +161,15 @@ def run(config: RunConfig, progress=None) -> RunResult:
 
     validate(config)
     impls, not_run = select_implementations(config.implementations, config.block_size)
-    budget = StepBudget(config.max_steps)
+    budget = StepBudget(config.max_steps, config.shrink_seconds)
     if progress:
+        cap = f"at most {config.shrink_seconds:g} s; " if config.shrink_seconds else ""
         budget.on_found = lambda failure: progress(
-            f"found after {budget.searched} steps: {str(failure):.200}; shrinking it (Ctrl-C keeps the "
-            "smallest failing example so far)", final=True)
+            f"found after {budget.searched} steps: {str(failure):.200}; shrinking it ({cap}"
+            "Ctrl-C keeps the smallest failing example so far)", final=True)
+        budget.on_shrunk = lambda steps: progress(
+            f"shrinking: a failing example of {steps} steps, {budget.shrink_steps} steps run, "
+            f"{time.monotonic() - budget.found_at:.0f}s")
     machine = LockstepMachine.configure(
         implementations=impls, block_size=config.block_size, workload=config.workload,
         kv_replay=config.kv_replay, op_timeout=config.op_timeout, budget=budget,
@@ -183,6 +194,11 @@ def run(config: RunConfig, progress=None) -> RunResult:
             try:
                 run_state_machine_as_test(machine, settings=run_settings)
             except BudgetSpent:
+                break
+            except ShrinkCapReached:
+                notes.append(f"shrinking stopped at its cap of {config.shrink_seconds:g} s "
+                             "(--shrink-seconds): the trace is the smallest failing example "
+                             "found by then")
                 break
             except (Exception, FatalFinding) as exc:
                 if _during_interrupt(exc):  # Hypothesis's own handling failed under it
@@ -209,7 +225,10 @@ def run(config: RunConfig, progress=None) -> RunResult:
                      "trace": str(found["witness"].save(config.trace_dir))}
              for check, found in machine.known_found.items()}
     totals = TOTALS.as_dict()
-    totals.update(steps=budget.searched, shrink_steps=budget.shrink_steps)
+    totals.update(steps=budget.searched, shrink_steps=budget.shrink_steps,
+                  shrink_seconds=round(time.monotonic() - budget.found_at, 2)
+                  if budget.found_at is not None else None,
+                  shrink_capped=budget.shrink_capped)
     from bcr_verify.session import prompt_source
     totals["lru_relaxations"] = witnesses(
         totals, impls, config.block_size,
@@ -220,7 +239,8 @@ def run(config: RunConfig, progress=None) -> RunResult:
                                              minutes=config.minutes, seed=config.seed,
                                              block_size=config.block_size,
                                              workload=config.workload,
-                                             op_timeout=config.op_timeout))
+                                             op_timeout=config.op_timeout,
+                                             shrink_seconds=config.shrink_seconds))
     result.known = known
     if budget.found_at is not None:
         result.first_failure_seconds = round(budget.found_at - start, 3)

@@ -90,8 +90,10 @@ class Interrupted(Exception):
         self.best = best
 
 
-def ddmin(items: list, fails: Callable[[list], bool], deadline: float | None = None) -> list:
-    """The smallest sublist of ``items`` found that still ``fails`` (1-minimal if time allows).
+def ddmin(items: list, fails: Callable[[list], bool], deadline: float | None = None,
+          on_smaller: Callable[[int], None] | None = None) -> list:
+    """The smallest sublist of ``items`` found that still ``fails`` (1-minimal if time allows);
+    ``on_smaller`` hears the length of each smaller failing list as it is found.
 
     A ``KeyboardInterrupt`` becomes :class:`Interrupted` carrying the best list so far.
     """
@@ -120,6 +122,8 @@ def ddmin(items: list, fails: Callable[[list], bool], deadline: float | None = N
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     break
+        if reduced and on_smaller:
+            on_smaller(len(items))
         if not reduced:
             if n >= len(items):
                 break
@@ -128,11 +132,14 @@ def ddmin(items: list, fails: Callable[[list], bool], deadline: float | None = N
 
 
 def shrink(trace: Trace, begin_index_of_rid: dict[int, int] | None = None,
-           seconds: float = 60.0) -> tuple[Trace, dict]:
+           seconds: float = 60.0, progress: Callable[[str], None] | None = None
+           ) -> tuple[Trace, dict]:
     """A shorter trace failing the same way as ``trace``; plus how the shrink went.
 
     ``begin_index_of_rid`` maps each rid in ``trace`` to its begin step; by default it is
     found by replaying ``trace`` on fresh lanes (right for traces that start from empty lanes).
+    Shrinking stops after ``seconds`` (``info["capped"]``); ``progress`` hears each smaller
+    failing trace found.
     """
     start = time.monotonic()
     if begin_index_of_rid is None:
@@ -157,7 +164,9 @@ def shrink(trace: Trace, begin_index_of_rid: dict[int, int] | None = None,
     # Everything after the failing step is irrelevant: cut there first.
     steps = steps[:len(concrete)]
     try:
-        small = ddmin(steps, fails, deadline=start + seconds)
+        small = ddmin(steps, fails, deadline=start + seconds, on_smaller=progress and (
+            lambda n: progress(f"shrinking: a failing trace of {n} steps, {tests[0]} tried, "
+                               f"{time.monotonic() - start:.0f}s of at most {seconds:g}s")))
     except Interrupted as stop:
         small, info["interrupted"] = stop.best, True
     failure, concrete = run_abstract(trace, small)
@@ -170,5 +179,6 @@ def shrink(trace: Trace, begin_index_of_rid: dict[int, int] | None = None,
                    meta={**trace.meta, "shrunk_by": "ddmin",
                          "unshrunk_steps": len(trace.steps)})
     info.update(shrunk_steps=len(concrete), tests=tests[0],
-                seconds=round(time.monotonic() - start, 2))
+                seconds=round(time.monotonic() - start, 2),
+                capped=time.monotonic() > start + seconds)
     return shrunk, info

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bcr_verify.errors import FatalFinding, UsageError, VerificationFailure
 from bcr_verify.guard import DEFAULT_OP_TIMEOUT
-from bcr_verify.lockstep import BudgetSpent, StepBudget
+from bcr_verify.lockstep import DEFAULT_SHRINK_SECONDS, BudgetSpent, StepBudget
 from bcr_verify.trace import Trace
 
 REGULAR_VOCAB = 151643
@@ -52,6 +52,8 @@ COUNTS = {
     "flushes": "resets of every cache (a rule, or forced past the step window)",
     "rules": "rules drawn, including ones that did nothing (e.g. finish with nothing running)",
     "rejected_requests": "begins refused because some lane could not make room",
+    "failure": "what the saved trace fails when replayed (checks after every step); found_as: "
+               "what the soak saw first, with checks every --check-every steps",
 }
 """What each count in the JSON report counts; written into the report itself."""
 MAX_WINDOW = 20_000
@@ -282,7 +284,7 @@ class SoakConfig:
     sample_seconds: float | None = None
     max_running: int = 3
     trace_dir: str = "corpus/traces"
-    shrink_seconds: float = 120.0
+    shrink_seconds: float = DEFAULT_SHRINK_SECONDS
     op_timeout: float | None = DEFAULT_OP_TIMEOUT
     strict_lru: bool = False
     events: bool = False
@@ -456,7 +458,13 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
             trace, shrink_info = unshrunk, {"reproduced": None, "skipped": failure.kind}
         else:
             try:
-                trace, shrink_info = shrink(unshrunk, begin_map, seconds=config.shrink_seconds)
+                if progress:
+                    progress(f"found after {unshrunk.meta['global_step']:,} operations: "
+                             f"{str(failure):.200}; shrinking it (at most "
+                             f"{config.shrink_seconds:g} s; Ctrl-C keeps the smallest so far)",
+                             final=True)
+                trace, shrink_info = shrink(unshrunk, begin_map, seconds=config.shrink_seconds,
+                                            progress=progress)
             except KeyboardInterrupt:
                 trace, shrink_info = unshrunk, {"reproduced": None, "interrupted": True}
             if shrink_info.get("interrupted"):
@@ -523,7 +531,8 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                    "max": max(s["rss_mb"] for s in samples)},
         "growth": growth,
         "implementations_detail": per_impl,
-        "failure": failure.as_dict() if failure else None,
+        "failure": trace.failure if trace is not None else None,
+        "found_as": failure.as_dict() if failure else None,
         "trace": trace_path, "shrink": shrink_info,
         "samples": samples,
         "counts": COUNTS,
@@ -638,7 +647,7 @@ def summary(report: dict) -> str:
 
 
 def cmd_soak(args) -> int:
-    from bcr_verify.runner import write_json
+    from bcr_verify.cli import verdict_reached
     from bcr_verify.session import progress_printer
 
     config = SoakConfig(
@@ -647,9 +656,16 @@ def cmd_soak(args) -> int:
             DEEP_DEFAULT_MINUTES if args.shape == "deep" else 1.0),
         max_ops=args.ops, check_every=args.check_every, sample_seconds=args.sample_seconds,
         trace_dir=args.trace_dir, op_timeout=args.op_timeout, shape=args.shape,
-        strict_lru=args.strict_lru, events=args.events)
+        strict_lru=args.strict_lru, events=args.events, shrink_seconds=args.shrink_seconds)
     show = None if args.quiet else progress_printer()
     result = soak(config, progress=show)
+    with verdict_reached():
+        return _report_soak(args, result, show)
+
+
+def _report_soak(args, result, show) -> int:
+    from bcr_verify.runner import write_json
+
     if show:
         show("", final=True)
     if args.json:
@@ -667,7 +683,9 @@ def cmd_soak(args) -> int:
 
 
 def register(subparsers) -> None:
-    from bcr_verify.cli import EVENTS_HELP, _positive_float, _positive_int, add_impl_args
+    from bcr_verify.cli import (
+        EVENTS_HELP, _positive_float, _positive_int, add_impl_args, add_shrink_arg,
+    )
 
     import argparse
 
@@ -701,5 +719,6 @@ def register(subparsers) -> None:
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the samples here")
     p.add_argument("--trace-dir", default="corpus/traces",
                    help="where a failure's shrunk trace is saved (default corpus/traces)")
+    add_shrink_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_soak, supervise=True)

@@ -45,6 +45,7 @@ import pytest
 
 from hypothesis import event
 
+from bcr_verify.lockstep import DEFAULT_SHRINK_SECONDS, ShrinkCapReached, StepBudget
 from bcr_verify.machine import LockstepMachine
 
 __all__ = ["PrefixCacheConformance", "ReentrantMutationError", "SingleWriter", "run_lockstep"]
@@ -91,9 +92,9 @@ class SingleWriter:
 
 
 def _machine_class(implementations, block_size, workload, kv_replay, capacity_pages=None,
-                   op_timeout=None, known=(), events=False):
+                   op_timeout=None, known=(), events=False, budget=None):
     attrs = dict(implementations=implementations, block_size=block_size, kv_replay=kv_replay,
-                 known=tuple(known), events=events)
+                 known=tuple(known), events=events, budget=budget)
     if op_timeout:
         attrs["op_timeout"] = op_timeout
     if workload:
@@ -121,8 +122,12 @@ def _machine_class(implementations, block_size, workload, kv_replay, capacity_pa
 def run_lockstep(implementations: list[str], block_size: int, *, workload: str | None = None,
                  kv_replay: bool = False, corpus=None, soak_budget_s: float | None = None,
                  seed=None, capacity_pages: int | None = None, label: str = "",
-                 op_timeout: float | None = None, known=(), events: bool = False) -> dict:
+                 op_timeout: float | None = None, known=(), events: bool = False,
+                 shrink_seconds: float | None = DEFAULT_SHRINK_SECONDS) -> dict:
     """Run the lockstep machine under the current Hypothesis profile; save a failure's trace.
+
+    A failure is shrunk for at most ``shrink_seconds``; the trace saved is then the smallest
+    failing example found by then, and the test fails saying so.
 
     With ``soak_budget_s``, Hypothesis runs repeat in rounds (each with its own seed, at most
     the profile's ``max_examples``, sized from the time per example so far) until the budget
@@ -135,8 +140,9 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
 
     from bcr_verify.session import TOTALS
 
+    budget = StepBudget(shrink_seconds=shrink_seconds)
     machine = _machine_class(implementations, block_size, workload, kv_replay, capacity_pages,
-                             op_timeout, known, events)
+                             op_timeout, known, events, budget)
     TOTALS.reset()
     start = time.monotonic()
     profile_max = Settings().max_examples
@@ -164,8 +170,9 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
             spent = time.monotonic() - start
             if spent >= soak_budget_s or soak_budget_s - spent < spent / max(machine.examples, 1):
                 break
-    except BaseException:
+    except BaseException as exc:
         trace = machine.last_failure
+        path = None
         if trace is not None and corpus is not None:
             trace.meta.update({"test": label, "seed": seed,
                                "hypothesis_profile": Settings.get_current_profile_name(),
@@ -174,6 +181,13 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
             print(f"\nbcr-verify: failing trace saved to {path}\n"
                   f"bcr-verify: seed {seed} (rerun the search with --hypothesis-seed={seed})\n"
                   f"reproduce with: bcr-verify replay {path}")
+        if isinstance(exc, ShrinkCapReached) and trace is not None:
+            f = trace.failure
+            raise AssertionError(
+                f"{f['kind']} in {f['impl']} [{f['check']}]: {f['detail']}\nshrinking stopped "
+                f"at its cap of {shrink_seconds:g} s (--bcr-shrink-seconds): the trace "
+                f"({len(trace.steps)} steps) is the smallest failing example found by then"
+                + (f"; reproduce with: bcr-verify replay {path}" if path else "")) from None
         raise
     found = {}
     for check, hit in machine.known_found.items():
@@ -305,7 +319,8 @@ class PrefixCacheConformance:
             impls, bcr_block_size, workload=opts.workload or self.workload,
             kv_replay=bool(opts.kv_replay), corpus=opts.corpus, soak_budget_s=budget,
             seed=seed, capacity_pages=self.capacity_pages, label=request.node.nodeid,
-            op_timeout=opts.op_timeout, known=known, events=opts.events)
+            op_timeout=opts.op_timeout, known=known, events=opts.events,
+            shrink_seconds=opts.shrink_seconds)
         from bcr_verify.session import vacuity_warnings
         totals = result["totals"]
         coverage = "; ".join(f"{name} {s.get('hits', 0)} hits, {s.get('evictions', 0)} "

@@ -99,14 +99,16 @@ class Leaks(ReferenceCache):
 
 
 class SlowAndFailing(ReferenceCache):
-    """Every insert takes 20 ms, and the fourth one loses its last block: shrinking is slow."""
+    """Every insert takes 0.2 s, and the fourth one loses its last block: shrinking takes
+    minutes (every example it tries needs four inserts), so an interrupt or a cap always
+    lands in it."""
 
     def __init__(self, block_size):
         super().__init__(block_size)
         self.inserts = 0
 
     def insert(self, token_ids, block_values):
-        time.sleep(0.02)
+        time.sleep(0.2)
         self.inserts += 1
         if self.inserts >= 4 and len(block_values) > 1:
             block_values = block_values[:-1]

@@ -162,6 +162,16 @@ def test_sigint_during_shrink_keeps_the_best_trace(tmp_path):
     assert_replays(saved_trace(stdout), kind="divergence")
 
 
+def test_shrinking_stops_at_its_cap_and_keeps_the_best_trace(tmp_path):
+    out, report = run_fault(tmp_path, "slow_and_failing", "--shrink-seconds", "3")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert report["verdict"] == "fail" and report["shrink_capped"] is True
+    assert report["shrink_steps"] > 0 and report["shrink_seconds"] >= 3
+    assert "stopped at --shrink-seconds" in out.stdout
+    assert any("shrinking stopped at its cap of 3 s" in n for n in report["notes"])
+    assert_replays(saved_trace(out.stdout), kind="divergence")
+
+
 def test_sigterm_during_soak_writes_the_report(tmp_path):
     proc = start(tmp_path, "soak", "--impl", "reference", "--minutes", "10", "--json",
                  str(tmp_path / "s.json"))

@@ -203,3 +203,24 @@ def test_events_option_checks_a_real_caches_events(project):
     line = next(l for l in out.stdout.splitlines() if "events of sglang-radix" in l)
     stored = int(line.split(": ")[-1].split(" blocks stored")[0])
     assert stored > 0, line
+
+
+def test_shrinking_stops_at_its_cap_with_the_best_trace_saved(project):
+    (project / "mycache.py").write_text(textwrap.dedent(PROJECT["mycache.py"]) + textwrap.dedent("""
+        import time
+
+        class SlowBuggy(Buggy):
+            def insert(self, token_ids, block_values):
+                time.sleep(0.05)  # every example Hypothesis tries while shrinking is slow
+                return super().insert(token_ids, block_values)
+
+        def make_buggy(block_size):
+            return SlowBuggy(block_size)
+    """))
+    out = pytest_run(project, "--hypothesis-profile", "dev", "-k", "lockstep",
+                     "--bcr-shrink-seconds", "2", env={"BUGGY": "1"})
+    assert out.returncode == 1, out.stdout[-3000:]
+    assert "shrinking stopped at its cap of 2 s" in out.stdout, out.stdout[-3000:]
+    (trace,) = (project / "found").glob("match-*.json")
+    out = pytest_run(project, "--bcr-replay-corpus", "-k", "replay", env={"BUGGY": "1"})
+    assert out.returncode == 1 and "divergence" in out.stdout, out.stdout[-2000:]
