@@ -21,6 +21,10 @@ reproduced by that one command, or by ``bcr-verify replay`` on its trace.
   session, so a terminal's Ctrl-C reaches them only through here), each writes its report,
   and the merged report says ``interrupted``, or ``fail`` if a worker had found something.
   A worker still running ``WORKER_GRACE_S`` later is killed and reported without a report.
+* Progress: one line, from the workers' own progress lines (read from their stderr, where a
+  worker writes one every 10 s), so its totals trail the workers by up to that.
+* ``--plot``: one PNG, every worker's RSS and each lane's cached blocks, a colour per worker;
+  the JSON report keeps each worker's samples.
 * ``--workers 1`` (the default) is the single soak, untouched.
 """
 
@@ -59,6 +63,7 @@ ORDER = ("pass", "inconclusive", "interrupted", "error", "fail")
 WORKER_GRACE_S = INTERRUPT_GRACE_S - 5
 """How long interrupted workers may take to write their reports; below the supervisor's own
 grace for this process, so the merged report is always written."""
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 PROGRESS = re.compile(r"([\d,]+) ops, ([\d,]+) ops/s")
 COUNTS = {
     "lockstep_operations": "summed over workers",
@@ -156,20 +161,22 @@ def cmd_campaign(args) -> int:
 def run_workers(workers: list[Worker], show, minutes: float | None) -> bool:
     """Start every worker, print the merged progress line until all have ended; True when
     interrupted (the interrupt forwarded to each worker once)."""
-    from bcr_verify.supervise import _die_with_parent
-
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)  # held until all are started
     for w in workers:
         w.proc = subprocess.Popen(
             [sys.executable, "-m", "bcr_verify.cli", "soak", *w.argv, "--json", str(w.json_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True, preexec_fn=lambda: _worker_setup(mask))
     readers = [threading.Thread(target=_read_stderr, args=(w,), daemon=True) for w in workers]
     for t in readers:
         t.start()
     start = time.monotonic()
     interrupted_at = None
-    while any(w.proc.poll() is None for w in workers):
+    while True:
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            if all(w.proc.poll() is not None for w in workers):
+                break
             time.sleep(0.2)
             if show:
                 show(progress_line(workers, time.monotonic() - start, minutes))
@@ -185,6 +192,15 @@ def run_workers(workers: list[Worker], show, minutes: float | None) -> bool:
     for t in readers:
         t.join(timeout=5)
     return interrupted_at is not None
+
+
+def _worker_setup(mask) -> None:
+    """In the worker, before exec: the campaign's signal mask back, and SIGTERM if the
+    campaign dies outright (its own session keeps a terminal's Ctrl-C from reaching it)."""
+    from bcr_verify.supervise import _die_with_parent
+
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    _die_with_parent()
 
 
 def _read_stderr(w: Worker) -> None:
@@ -273,9 +289,10 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
         if stats.get("lookup_tokens"):
             stats["hit_rate"] = round(stats["hit_tokens"] / stats["lookup_tokens"], 4)
     first = got[0] if got else {}
-    failures = [{"worker": row["worker"], "seed": row["seed"], "failure": row["failure"],
-                 "trace": row.get("trace"), "command": row["command"]}
-                for row in rows if row.get("failure")]
+    failures = [{"worker": row["worker"], "seed": row["seed"], "trace": row.get("trace"),
+                 "failure": row.get("failure") or {"kind": "growth", "detail": row["growth"]},
+                 "command": row["command"]}
+                for row in rows if row["verdict"] == "fail"]
     report = {
         "verdict": verdict, "ok": verdict in ("pass", "inconclusive"),
         "interrupted": interrupted, "workers_count": len(workers),
@@ -344,8 +361,9 @@ def summary(report: dict) -> str:
                      f"hits {d.get('hits', 0):,}, evictions {d.get('evictions', 0):,}")
     for f in report["failures"]:
         failure = f["failure"]
-        lines.append(f"FAIL in worker {f['worker']} (seed {f['seed']}): {failure['kind']} in "
-                     f"{failure['impl']} [{failure['check']}]: {failure['detail']}")
+        where = f" in {failure['impl']} [{failure['check']}]" if "impl" in failure else ""
+        lines.append(f"FAIL in worker {f['worker']} (seed {f['seed']}): {failure['kind']}{where}: "
+                     f"{failure['detail']}")
         if f["trace"]:
             try:
                 lines.append(Trace.load(f["trace"]).render())
