@@ -54,8 +54,7 @@ FORWARDED = {"impls": "--impl", "block_size": "--block-size", "workload": "--wor
              "events": "--events", "shape": "--shape", "trace_dir": "--trace-dir",
              "op_timeout": "--op-timeout", "in_process": "--in-process"}
 """The soak options every worker gets as given (``--seed`` and ``--ops`` are derived)."""
-CAMPAIGN_ONLY = {"workers", "seed", "ops", "json", "plot", "quiet", "func", "supervise",
-                 "command"}
+CAMPAIGN_ONLY = {"workers", "seed", "ops", "json", "plot", "quiet"}
 """The options the campaign itself answers; a new soak option must join one of the two sets
 (``tests/test_soak_workers.py`` checks), or the workers would silently run without it."""
 ORDER = ("pass", "inconclusive", "interrupted", "error", "fail")
