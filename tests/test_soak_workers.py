@@ -73,7 +73,8 @@ def test_sigterm_reaches_every_worker_and_the_merged_report_is_written(tmp_path)
     counting = re.compile(r"w0 [\d,]+, w1 [\d,]+")  # both workers past start-up
     deadline = time.monotonic() + 180
     while not counting.search((tmp_path / "err.txt").read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "err.txt").read_text()
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 130
