@@ -650,6 +650,9 @@ def cmd_soak(args) -> int:
     from bcr_verify.cli import verdict_reached
     from bcr_verify.session import progress_printer
 
+    if args.workers > 1:
+        from bcr_verify.campaign import cmd_campaign
+        return cmd_campaign(args)
     config = SoakConfig(
         implementations=args.impls, block_size=args.block_size, workload=args.workload,
         seed=args.seed, minutes=None if args.ops and not args.minutes else args.minutes or (
@@ -703,7 +706,12 @@ def register(subparsers) -> None:
                    help="run this long (default 1, or 3 with --shape deep, unless --ops is "
                         "given)")
     p.add_argument("--ops", type=_positive_int("--ops"),
-                   help="stop after this many lockstep operations")
+                   help="stop after this many lockstep operations (with --workers: in total, "
+                        "split between the workers)")
+    p.add_argument("--workers", type=_positive_int("--workers"), default=1, metavar="N",
+                   help="run N soaks at once, worker i with --seed SEED+i, each supervised "
+                        "on its own, and merge their reports into one (default 1: one soak); "
+                        "--minutes is each worker's; see bcr_verify/campaign.py")
     p.add_argument("--check-every", type=_positive_int("--check-every"), default=64,
                    help="run every lane's invariants every N steps (default 64), plus before "
                         "every flush and at the end; results are compared on every step")
