@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import re
 import sys
 import threading
 import time
@@ -47,7 +48,8 @@ from hypothesis import event
 
 from bcr_verify.machine import LockstepMachine
 
-__all__ = ["PrefixCacheConformance", "ReentrantMutationError", "SingleWriter", "run_lockstep"]
+__all__ = ["PrefixCacheConformance", "ReentrantMutationError", "SingleWriter",
+           "lockstep_test_case", "run_lockstep"]
 
 
 class ReentrantMutationError(RuntimeError):
@@ -122,15 +124,15 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
                  kv_replay: bool = False, corpus=None, soak_budget_s: float | None = None,
                  seed=None, capacity_pages: int | None = None, label: str = "",
                  op_timeout: float | None = None, known=(), events: bool = False,
-                 seed_base: int | None = None) -> dict:
+                 rerun: str | None = None) -> dict:
     """Run the lockstep machine under the current Hypothesis profile; save a failure's trace.
 
     With ``soak_budget_s``, Hypothesis runs repeat in rounds (each with its own seed, at most
     the profile's ``max_examples``, sized from the time per example so far) until the budget
     is spent; the budget is checked between rounds, so a soak overruns it by at most about one
     example. Rules are never turned into no-ops: that would make generation inconsistent.
-    ``seed_base``: the session seed that ``seed`` was derived from (:func:`lockstep_seed`), so
-    a failure says how to rerun this one test's search. Returns ``{"rounds", "examples",
+    ``rerun``: the command that reruns this search, printed with a failure (by default, the
+    ``--hypothesis-seed`` option giving ``seed``). Returns ``{"rounds", "examples",
     "seconds", "known", "totals"}``.
     """
     from hypothesis import settings as Settings
@@ -171,15 +173,13 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
     except BaseException:
         trace = machine.last_failure
         if trace is not None and corpus is not None:
-            trace.meta.update({"test": label, "seed": seed, "seed_base": seed_base,
+            rerun = rerun or f"--hypothesis-seed={seed}"
+            trace.meta.update({"test": label, "seed": seed, "rerun": rerun,
                                "hypothesis_profile": Settings.get_current_profile_name(),
                                "round": rounds})
             path = trace.save(corpus)
-            rerun = (f"rerun the search with --hypothesis-seed={seed}" if seed_base is None
-                     else f"derived from the session seed {seed_base} and the test id; rerun "
-                          f"this search with: pytest '{label}' --hypothesis-seed={seed_base}")
             print(f"\nbcr-verify: failing trace saved to {path}\n"
-                  f"bcr-verify: seed {seed} ({rerun})\n"
+                  f"bcr-verify: seed {seed} (rerun this search with: {rerun})\n"
                   f"reproduce with: bcr-verify replay {path}")
         raise
     found = {}
@@ -189,6 +189,44 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
     return {"rounds": rounds, "examples": machine.examples,
             "seconds": round(time.monotonic() - start, 1), "known": found,
             "totals": TOTALS.as_dict()}
+
+
+def lockstep_test_case(implementations: list[str], block_size: int = 16, **attrs) -> type:
+    """The lockstep machine over ``implementations`` as a ``unittest.TestCase``, for HypoFuzz.
+
+    ``hypothesis fuzz`` fuzzes only Hypothesis tests it can take apart (``@given`` functions
+    and a state machine's ``TestCase``); the conformance suite's ``test_lockstep`` wraps its
+    machine in soak rounds, so HypoFuzz cannot see into it. Expose this instead::
+
+        TestMyCacheFuzz = lockstep_test_case(["reference", "my_project.cache:make_cache"], 16)
+
+    ``attrs`` are :meth:`LockstepMachine.configure` settings. Under plain pytest it is an
+    ordinary Hypothesis test that replays the example database first, so a failure HypoFuzz
+    stored there fails it again; then the final example's trace is saved to the corpus
+    directory (``--bcr-corpus``) with the command that replays it.
+    """
+    from bcr_verify.pytest_plugin import current_options
+
+    name = "Lockstep_" + "_".join(re.sub(r"\W+", "_", i) for i in implementations)
+    machine = LockstepMachine.configure(f"{name}_bs{block_size}", block_size=block_size,
+                                        implementations=list(implementations), **attrs)
+    base = machine.TestCase
+
+    def runTest(self):
+        try:
+            base.runTest(self)
+        except BaseException:
+            trace = machine.last_failure
+            if trace is not None:
+                trace.meta["source"] = "hypothesis TestCase"
+                path = trace.save(current_options().corpus)
+                print(f"\nbcr-verify: failing trace saved to {path}\n"
+                      f"reproduce with: bcr-verify replay {path}")
+            raise
+
+    runTest.is_hypothesis_test = True
+    runTest._hypothesis_state_machine_class = machine  # how HypoFuzz finds the machine
+    return type(machine.__name__ + "TestCase", (base,), {"runTest": runTest})
 
 
 def seed_base(given, session_seed: int) -> int:
@@ -323,12 +361,16 @@ class PrefixCacheConformance:
         test_id = request.node.nodeid
         base = seed_base(opts.seed, opts.session_seed)
         known = [*opts.known, *(c for m in request.node.iter_markers("bcr_known") for c in m.args)]
+        seed = lockstep_seed(base, test_id)
         result = run_lockstep(
             impls, bcr_block_size, workload=opts.workload or self.workload,
             kv_replay=bool(opts.kv_replay), corpus=opts.corpus, soak_budget_s=budget,
-            seed=lockstep_seed(base, test_id), capacity_pages=self.capacity_pages,
+            seed=seed, capacity_pages=self.capacity_pages,
             label=test_id, op_timeout=opts.op_timeout, known=known, events=opts.events,
-            seed_base=base)
+            rerun=" ".join([f"pytest '{test_id}' --hypothesis-seed={base}",
+                            *([f"--hypothesis-profile {opts.profile}"]
+                              if opts.profile != "default" else []),
+                            *([f"--bcr-shards {opts.shards}"] if opts.shards > 1 else [])]))
         # Summary lines travel as user properties: xdist forwards them to the controller,
         # whose pytest_runtest_logreport collects them for the terminal summary.
         report = request.node.user_properties
@@ -337,7 +379,7 @@ class PrefixCacheConformance:
                  for name, s in totals["implementations"].items()}
         report.append(("bcr_verify_totals", {"steps": totals["steps"],
                                              "seconds": result["seconds"], "lanes": lanes}))
-        lines = [f"{totals['steps']} steps; " + "; ".join(
+        lines = [f"seed {seed}; {totals['steps']} steps; " + "; ".join(
             f"{name} {c['hits']} hits, {c['evictions']} evictions, {c['refused']} refused"
             for name, c in lanes.items())]
         for name, counts in (totals.get("events") or {}).get("lanes", {}).items():
