@@ -22,8 +22,12 @@
   ``--bcr-soak-minutes`` / ``bcr_soak_minutes``, ``--bcr-op-timeout`` / ``bcr_op_timeout``
   (seconds one implementation call may take before it is a hang finding; default 10),
   ``--bcr-shrink-seconds`` / ``bcr_shrink_seconds`` (how long a failure is shrunk; default 120);
-  ``--bcr-replay-corpus`` also collects the
-  corpus directory's traces.
+  ``--bcr-shards`` / ``bcr_shards`` (each lockstep test as N items with their own seeds, for
+  ``pytest -n``); ``--bcr-replay-corpus`` also collects the corpus directory's traces.
+
+* pytest-xdist: every lockstep test's seed is derived from one session seed (drawn by the
+  controller and handed to the workers) and its node id; workers report their summary lines
+  as user properties, and the controller prints them, with a total, once.
 
 * Fixtures: ``bcr_options``, ``bcr_tokenizer``, ``bcr_workload``, ``bcr_prompts``,
   ``bcr_adapter_factory``, ``bcr_corpus_dir``.
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,11 +95,18 @@ class BcrOptions:
     shrink_seconds: float = DEFAULT_SHRINK_SECONDS
     known: list[str] = field(default_factory=list)
     """Checks known to fail (``--bcr-known``, ini ``bcr_known``, marker ``bcr_known``)."""
+    shards: int = 1
+    """Items per lockstep test (``--bcr-shards``), each searching from its own seed."""
     profile: str = "default"
     seed: object = None
+    session_seed: int = 0
+    """Drawn once per session (by the xdist controller for all its workers); lockstep
+    seeds derive from it unless ``--hypothesis-seed`` or a derandomized profile decides."""
     soak_reports: list[str] = field(default_factory=list)
     """Lines for the terminal summary: each lockstep test's coverage (hits, evictions, and
     why a pass may be vacuous), soak rounds, known failures."""
+    lockstep_totals: list[dict] = field(default_factory=list)
+    """Each finished lockstep test's steps, seconds and per-lane counts, for the total."""
 
     @property
     def soak_budget_s(self) -> float | None:
@@ -160,7 +172,12 @@ def pytest_addoption(parser):
                          "failing example so far is saved and reported (ini: "
                          f"bcr_shrink_seconds; default {DEFAULT_SHRINK_SECONDS:g})")
     parser.addini("bcr_shrink_seconds", "seconds a lockstep failure may be shrunk", default="")
+    group.addoption("--bcr-shards", dest="bcr_shards", type=int, metavar="N",
+                    help="run each lockstep test as N items with distinct seeds, so that "
+                         "pytest -n spreads one test over N workers (ini: bcr_shards; "
+                         "default 1)")
     parser.addini("bcr_soak_minutes", "soak time budget in minutes", default="")
+    parser.addini("bcr_shards", "items (distinct seeds) per lockstep test", default="")
     parser.addini("bcr_op_timeout", "seconds one implementation call may take", default="")
     parser.addini("bcr_known", "checks known to fail", type="linelist", default=[])
 
@@ -180,6 +197,14 @@ def _options(config) -> BcrOptions:
     timeout = _positive_number(config, "bcr_op_timeout", "--bcr-op-timeout")
     shrink = _positive_number(config, "bcr_shrink_seconds", "--bcr-shrink-seconds")
     kv = get("bcr_kv_replay")
+    shards = get("bcr_shards")
+    if shards is None:
+        try:
+            shards = int(config.getini("bcr_shards") or 1)
+        except ValueError:
+            raise pytest.UsageError("ini bcr_shards must be a whole number") from None
+    if shards < 1:
+        raise pytest.UsageError(f"--bcr-shards must be >= 1, got {shards}")
     return BcrOptions(
         implementations=list(get("bcr_impls") or config.getini("bcr_impls")),
         block_sizes=sizes, workload=get("bcr_workload") or config.getini("bcr_workload") or None,
@@ -188,7 +213,7 @@ def _options(config) -> BcrOptions:
         corpus=corpus.resolve(), soak_minutes=minutes,
         op_timeout=DEFAULT_OP_TIMEOUT if timeout is None else timeout,
         shrink_seconds=DEFAULT_SHRINK_SECONDS if shrink is None else shrink,
-        known=list(get("bcr_known") or config.getini("bcr_known")),
+        known=list(get("bcr_known") or config.getini("bcr_known")), shards=shards,
         profile=get("hypothesis_profile", None) or "default",
         seed=get("hypothesis_seed", None))
 
@@ -215,6 +240,9 @@ def pytest_configure(config):
             "--hypothesis-profile crosshair needs the hypothesis-crosshair backend, which is "
             "not installed here: pip install hypothesis-crosshair (it pulls crosshair-tool)")
     _CURRENT = _options(config)
+    worker = getattr(config, "workerinput", None)  # set by pytest-xdist in its workers
+    _CURRENT.session_seed = (worker["bcr_session_seed"] if worker
+                             else int.from_bytes(os.urandom(8), "big"))
     config.addinivalue_line("markers", "bcr_trace: a replayed bcr_verify trace file")
     config.addinivalue_line("markers", "bcr_known(*checks): checks known to fail for this "
                             "test's implementation: counted with a witness, not findings")
@@ -227,21 +255,67 @@ def pytest_unconfigure(config):
     _CURRENT = None
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist, in the controller: every worker gets the same session seed."""
+    node.workerinput["bcr_session_seed"] = current_options().session_seed
+
+
+def pytest_report_header(config):
+    return (f"bcr-verify: session seed {current_options().session_seed} (lockstep seeds derive "
+            "from it and the node id, unless --hypothesis-seed or a derandomized profile)")
+
+
 def pytest_generate_tests(metafunc):
-    """Lockstep tests of a conformance class run once per block size."""
+    """Lockstep tests of a conformance class run once per block size, and per shard."""
+    opts = current_options()
     if "bcr_block_size" in metafunc.fixturenames:
         cls = metafunc.cls
-        sizes = (current_options().block_sizes or list(getattr(cls, "block_sizes", None) or [])
-                 or [16])
+        sizes = (opts.block_sizes or list(getattr(cls, "block_sizes", None) or []) or [16])
         metafunc.parametrize("bcr_block_size", sizes, ids=[f"bs{s}" for s in sizes])
+    if "bcr_shard" in metafunc.fixturenames and opts.shards > 1:
+        metafunc.parametrize("bcr_shard", range(opts.shards), indirect=True,
+                             ids=[f"shard{i}" for i in range(opts.shards)])
+
+
+def pytest_runtest_logreport(report):
+    """Collect a lockstep test's summary from its report: under pytest-xdist that report
+    comes from a worker, whose own terminal summary nobody sees."""
+    if report.when != "call":
+        return
+    opts = current_options()
+    for name, value in report.user_properties:
+        if name == "bcr_verify":
+            opts.soak_reports.append(value)
+        elif name == "bcr_verify_totals":
+            opts.lockstep_totals.append(value)
 
 
 def pytest_terminal_summary(terminalreporter):
     opts = current_options()
-    if opts.soak_reports:
-        terminalreporter.section("bcr-verify lockstep coverage, soak, known failures")
-        for line in opts.soak_reports:
-            terminalreporter.write_line(line)
+    if not opts.soak_reports:
+        return
+    terminalreporter.section("bcr-verify lockstep coverage, soak, known failures")
+    for line in sorted(opts.soak_reports, key=lambda line: line.split(": ", 1)[0]):
+        terminalreporter.write_line(line)
+    if opts.lockstep_totals:
+        terminalreporter.write_line(total_line(opts.lockstep_totals))
+
+
+def total_line(totals: list[dict]) -> str:
+    """One line over every lockstep test: steps, each test's steps per second summed (what
+    concurrent xdist workers achieved together), and each lane's hits and evictions."""
+    steps = sum(t["steps"] for t in totals)
+    rate = sum(t["steps"] / t["seconds"] for t in totals if t["seconds"] > 0)
+    lanes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for t in totals:
+        for name, counts in t["lanes"].items():
+            for key, value in counts.items():
+                lanes[name][key] += value
+    per_lane = "; ".join(f"{name} {c['hits']} hits, {c['evictions']} evictions"
+                         for name, c in lanes.items())
+    return (f"total over {len(totals)} lockstep tests: {steps} steps, {rate:.0f} steps/s "
+            f"summed over tests; {per_lane}")
 
 
 # ------------------------------------------------------------------ fixtures
@@ -254,6 +328,13 @@ def bcr_options(pytestconfig) -> BcrOptions:
 @pytest.fixture(scope="session")
 def bcr_corpus_dir(bcr_options) -> Path:
     return bcr_options.corpus
+
+
+@pytest.fixture(scope="session")  # function scope would trip Hypothesis's health check
+def bcr_shard(request) -> int:
+    """This lockstep item's shard, 0 to ``--bcr-shards`` - 1: its node id, hence its seed,
+    differs from its siblings'."""
+    return getattr(request, "param", 0)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,8 @@ Tests (needs the ``bcr_verify`` pytest plugin, which pip-installing bcr_verify a
 from __future__ import annotations
 
 import gc
-import random
+import hashlib
+import re
 import sys
 import threading
 import time
@@ -48,7 +49,8 @@ from hypothesis import event
 from bcr_verify.lockstep import DEFAULT_SHRINK_SECONDS, ShrinkCapReached, StepBudget
 from bcr_verify.machine import LockstepMachine
 
-__all__ = ["PrefixCacheConformance", "ReentrantMutationError", "SingleWriter", "run_lockstep"]
+__all__ = ["PrefixCacheConformance", "ReentrantMutationError", "SingleWriter",
+           "lockstep_test_case", "run_lockstep"]
 
 
 class ReentrantMutationError(RuntimeError):
@@ -123,7 +125,8 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
                  kv_replay: bool = False, corpus=None, soak_budget_s: float | None = None,
                  seed=None, capacity_pages: int | None = None, label: str = "",
                  op_timeout: float | None = None, known=(), events: bool = False,
-                 shrink_seconds: float | None = DEFAULT_SHRINK_SECONDS) -> dict:
+                 shrink_seconds: float | None = DEFAULT_SHRINK_SECONDS,
+                 rerun: str | None = None) -> dict:
     """Run the lockstep machine under the current Hypothesis profile; save a failure's trace.
 
     A failure is shrunk for at most ``shrink_seconds``; the trace saved is then the smallest
@@ -132,7 +135,10 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
     With ``soak_budget_s``, Hypothesis runs repeat in rounds (each with its own seed, at most
     the profile's ``max_examples``, sized from the time per example so far) until the budget
     is spent; the budget is checked between rounds, so a soak overruns it by at most about one
-    example. Rules are never turned into no-ops: that would make generation inconsistent. Returns ``{"rounds", "examples", "seconds"}``.
+    example. Rules are never turned into no-ops: that would make generation inconsistent.
+    ``rerun``: the command that reruns this search, printed with a failure (by default, the
+    ``--hypothesis-seed`` option giving ``seed``). Returns ``{"rounds", "examples",
+    "seconds", "known", "totals"}``.
     """
     from hypothesis import settings as Settings
     from hypothesis import HealthCheck, seed as hseed
@@ -174,12 +180,13 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
         trace = machine.last_failure
         path = None
         if trace is not None and corpus is not None:
-            trace.meta.update({"test": label, "seed": seed,
+            rerun = rerun or f"--hypothesis-seed={seed}"
+            trace.meta.update({"test": label, "seed": seed, "rerun": rerun,
                                "hypothesis_profile": Settings.get_current_profile_name(),
                                "round": rounds})
             path = trace.save(corpus)
             print(f"\nbcr-verify: failing trace saved to {path}\n"
-                  f"bcr-verify: seed {seed} (rerun the search with --hypothesis-seed={seed})\n"
+                  f"bcr-verify: seed {seed} (rerun this search with: {rerun})\n"
                   f"reproduce with: bcr-verify replay {path}")
         if isinstance(exc, ShrinkCapReached) and trace is not None:
             f = trace.failure
@@ -198,10 +205,49 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
             "totals": TOTALS.as_dict()}
 
 
-def lockstep_seed(given) -> int:
-    """The seed of a lockstep test: ``--hypothesis-seed`` if given; 0 under a derandomized
-    profile (the ``ci`` gate: the same examples on every run, rounds of a soak still
-    distinct); otherwise a fresh random one, printed with any failure."""
+def lockstep_test_case(implementations: list[str], block_size: int = 16, **attrs) -> type:
+    """The lockstep machine over ``implementations`` as a ``unittest.TestCase``, for HypoFuzz.
+
+    ``hypothesis fuzz`` fuzzes only Hypothesis tests it can take apart (``@given`` functions
+    and a state machine's ``TestCase``); the conformance suite's ``test_lockstep`` wraps its
+    machine in soak rounds, so HypoFuzz cannot see into it. Expose this instead::
+
+        TestMyCacheFuzz = lockstep_test_case(["reference", "my_project.cache:make_cache"], 16)
+
+    ``attrs`` are :meth:`LockstepMachine.configure` settings. Under plain pytest it is an
+    ordinary Hypothesis test that replays the example database first, so a failure HypoFuzz
+    stored there fails it again; then the final example's trace is saved to the corpus
+    directory (``--bcr-corpus``) with the command that replays it.
+    """
+    from bcr_verify.pytest_plugin import current_options
+
+    name = "Lockstep_" + "_".join(re.sub(r"\W+", "_", i) for i in implementations)
+    machine = LockstepMachine.configure(f"{name}_bs{block_size}", block_size=block_size,
+                                        implementations=list(implementations), **attrs)
+    base = machine.TestCase
+
+    def runTest(self):
+        try:
+            base.runTest(self)
+        except BaseException:
+            trace = machine.last_failure
+            if trace is not None:
+                trace.meta["source"] = "hypothesis TestCase"
+                path = trace.save(current_options().corpus)
+                print(f"\nbcr-verify: failing trace saved to {path}\n"
+                      f"reproduce with: bcr-verify replay {path}")
+            raise
+
+    runTest.is_hypothesis_test = True
+    runTest._hypothesis_state_machine_class = machine  # how HypoFuzz finds the machine
+    return type(machine.__name__ + "TestCase", (base,), {"runTest": runTest})
+
+
+def seed_base(given, session_seed: int) -> int:
+    """The session seed every lockstep test's seed is derived from: ``--hypothesis-seed`` if
+    given; 0 under a derandomized profile (the ``ci`` gate: the same examples on every run);
+    otherwise ``session_seed``, drawn once per pytest session (and handed to every xdist
+    worker), printed with any failure."""
     from hypothesis import settings as Settings
 
     if given is not None:
@@ -211,7 +257,18 @@ def lockstep_seed(given) -> int:
             return int.from_bytes(str(given).encode()[:8].ljust(8, b"\0"), "big")
     if Settings().derandomize:
         return 0
-    return random.getrandbits(64)
+    return session_seed
+
+
+def lockstep_seed(base: int, test_id: str) -> int:
+    """The seed of one lockstep test: a hash of the session seed and the test's node id.
+
+    Every test (every ``--bcr-shards`` item) searches from its own seed, so a soak spread over
+    xdist workers searches different places, while the same test gets the same seed whichever
+    worker runs it; rounds of a soak add 1, 2, ... to it.
+    """
+    digest = hashlib.sha256(f"{base}:{test_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 def _distinct_prompts(count: int, blocks: int, block_size: int, offset: int = 0):
@@ -307,40 +364,49 @@ class PrefixCacheConformance:
 
     # ------------------------------------------------------------ lockstep
 
-    def test_lockstep(self, bcr_block_size, request):
+    def test_lockstep(self, bcr_block_size, bcr_shard, request):
         from bcr_verify.pytest_plugin import current_options
+        from bcr_verify.session import vacuity_warnings
+
         opts = current_options()
         impls = [self.reference, self.implementation_spec(), *opts.implementations]
         impls = list(dict.fromkeys(impls))
         budget = opts.soak_budget_s
-        seed = lockstep_seed(opts.seed)
+        test_id = request.node.nodeid
+        base = seed_base(opts.seed, opts.session_seed)
         known = [*opts.known, *(c for m in request.node.iter_markers("bcr_known") for c in m.args)]
+        seed = lockstep_seed(base, test_id)
         result = run_lockstep(
             impls, bcr_block_size, workload=opts.workload or self.workload,
             kv_replay=bool(opts.kv_replay), corpus=opts.corpus, soak_budget_s=budget,
-            seed=seed, capacity_pages=self.capacity_pages, label=request.node.nodeid,
-            op_timeout=opts.op_timeout, known=known, events=opts.events,
-            shrink_seconds=opts.shrink_seconds)
-        from bcr_verify.session import vacuity_warnings
+            seed=seed, capacity_pages=self.capacity_pages,
+            label=test_id, op_timeout=opts.op_timeout, known=known, events=opts.events,
+            shrink_seconds=opts.shrink_seconds,
+            rerun=" ".join([f"pytest '{test_id}' --hypothesis-seed={base}",
+                            *([f"--hypothesis-profile {opts.profile}"]
+                              if opts.profile != "default" else []),
+                            *([f"--bcr-shards {opts.shards}"] if opts.shards > 1 else [])]))
+        # Summary lines travel as user properties: xdist forwards them to the controller,
+        # whose pytest_runtest_logreport collects them for the terminal summary.
+        report = request.node.user_properties
         totals = result["totals"]
-        coverage = "; ".join(f"{name} {s.get('hits', 0)} hits, {s.get('evictions', 0)} "
-                             f"evictions, {s.get('refused', 0)} refused"
-                             for name, s in totals["implementations"].items())
-        opts.soak_reports.append(f"{request.node.nodeid}: {totals['steps']} steps; {coverage}")
+        lanes = {name: {k: s.get(k, 0) for k in ("hits", "evictions", "refused")}
+                 for name, s in totals["implementations"].items()}
+        report.append(("bcr_verify_totals", {"steps": totals["steps"],
+                                             "seconds": result["seconds"], "lanes": lanes}))
+        lines = [f"seed {seed}; {totals['steps']} steps; " + "; ".join(
+            f"{name} {c['hits']} hits, {c['evictions']} evictions, {c['refused']} refused"
+            for name, c in lanes.items())]
         for name, counts in (totals.get("events") or {}).get("lanes", {}).items():
-            opts.soak_reports.append(
-                f"{request.node.nodeid}: events of {name}: {counts.get('blocks_stored', 0)} "
-                f"blocks stored, {counts.get('blocks_removed', 0)} removed, every one checked")
-        for warning in vacuity_warnings(totals, {}):
-            opts.soak_reports.append(f"{request.node.nodeid}: WARNING (pass may be vacuous): "
-                                     f"{warning}")
-        for check, found in result["known"].items():
-            opts.soak_reports.append(f"{request.node.nodeid}: known failure {check!r} hit "
-                                     f"{found['count']} times; witness {found['trace']}")
+            lines.append(f"events of {name}: {counts.get('blocks_stored', 0)} blocks stored, "
+                         f"{counts.get('blocks_removed', 0)} removed, every one checked")
+        lines += [f"WARNING (pass may be vacuous): {w}" for w in vacuity_warnings(totals, {})]
+        lines += [f"known failure {check!r} hit {found['count']} times; witness {found['trace']}"
+                  for check, found in result["known"].items()]
         if budget is not None:
-            opts.soak_reports.append(
-                f"{request.node.nodeid}: {result['rounds']} rounds, {result['examples']} "
-                f"examples in {result['seconds']} s (budget {budget:g} s)")
+            lines.append(f"{result['rounds']} rounds, {result['examples']} examples in "
+                         f"{result['seconds']} s (budget {budget:g} s)")
+        report.extend(("bcr_verify", f"{test_id}: {line}") for line in lines)
 
     # The Hypothesis pytest plugin reports statistics (--hypothesis-show-statistics) and
     # failure details only for tests it recognises; run_state_machine_as_test inside counts.
