@@ -45,9 +45,12 @@ class BudgetSpent(BaseException):
     Hypothesis stops at once rather than treating it as a failure to shrink)."""
 
 
-class ShrinkCapReached(BaseException):
-    """Shrinking ran past its time cap: the smallest failing example found so far stands
-    (a BaseException, so that Hypothesis stops shrinking at once)."""
+class ShrinkCapReached(KeyboardInterrupt):
+    """Shrinking ran past its time cap: the smallest failing example found so far stands.
+
+    Hypothesis stops at once on an interrupt and forgets the example it cut short; any other
+    BaseException would be recorded as that example's outcome (and, under a database, saved
+    as a failure), which the next example it generates contradicts."""
 
 
 DEFAULT_SHRINK_SECONDS = 120.0
