@@ -16,6 +16,7 @@ at start-up, so an unreachable one is one clear error instead of a traceback in 
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 
@@ -45,6 +46,16 @@ def open_database(location: str, option: str = "--bcr-database") -> ExampleDatab
         raise UnusableDatabase(f"{option} {location!r} is a file; give a directory (created "
                                "if missing) or a redis://HOST:PORT/DB URL")
     return DirectoryBasedExampleDatabase(path)
+
+
+def public_location(location: str) -> str:
+    """``location`` fit to print: a Redis URL's password hidden."""
+    parts = urlsplit(location)
+    if parts.password is None:
+        return location
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{parts.hostname}"
+                                            + (f":{parts.port}" if parts.port else "")))
 
 
 def _redis(url: str, option: str) -> ExampleDatabase:

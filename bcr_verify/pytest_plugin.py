@@ -10,6 +10,10 @@
   ``soak``  long examples (at most 200 steps); lockstep tests repeat Hypothesis runs (rounds
             of at most 200 examples, sized from the time per example) until the soak budget
             (``--bcr-soak-minutes``, default 10) is spent; see :func:`bcr_verify.testing.run_lockstep`.
+  ``replay``  no search: only the explicit and reuse phases, so each lockstep test replays the
+            examples saved in the example database (``--bcr-database``) and nothing else;
+            what CI runs against a campaign's shared database. The terminal summary says how
+            many examples each test replayed, and when that is none.
   ``crosshair``  Hypothesis's CrossHair backend; registered only when hypothesis-crosshair is
             importable, otherwise asking for it is a usage error saying what to install.
 
@@ -21,8 +25,9 @@
   KV-cache event, see :mod:`bcr_verify.events`), ``--bcr-corpus`` / ``bcr_corpus``,
   ``--bcr-soak-minutes`` / ``bcr_soak_minutes``, ``--bcr-op-timeout`` / ``bcr_op_timeout``
   (seconds one implementation call may take before it is a hang finding; default 10);
-  ``--bcr-replay-corpus`` also collects the
-  corpus directory's traces.
+  ``--bcr-database`` / ``bcr_database`` (the lockstep tests' Hypothesis example database, a
+  ``redis://HOST:PORT/DB`` URL or a directory, see :mod:`bcr_verify.database`; it replaces
+  the profile's); ``--bcr-replay-corpus`` also collects the corpus directory's traces.
 
 * Fixtures: ``bcr_options``, ``bcr_tokenizer``, ``bcr_workload``, ``bcr_prompts``,
   ``bcr_adapter_factory``, ``bcr_corpus_dir``.
@@ -41,7 +46,9 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.database import ExampleDatabase
 
+from bcr_verify.database import UnusableDatabase, open_database, public_location
 from bcr_verify.guard import DEFAULT_OP_TIMEOUT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,6 +64,12 @@ settings.register_profile("ci", max_examples=100, stateful_step_count=50, deadli
                           phases=_NO_EXPLAIN, suppress_health_check=_SLOW)
 settings.register_profile("soak", max_examples=200, stateful_step_count=200, deadline=None,
                           print_blob=True, suppress_health_check=_SLOW)
+# No shrink phase: a replayed example that still fails was saved shrunk. Not derandomized
+# (that implies no database), and a step count no other profile exceeds: a saved example
+# cut short by a smaller one would no longer fail, and Hypothesis would delete it.
+settings.register_profile("replay", phases=[Phase.explicit, Phase.reuse],
+                          stateful_step_count=1000, deadline=None, print_blob=True,
+                          suppress_health_check=_SLOW)
 
 
 def crosshair_available() -> bool:
@@ -89,6 +102,9 @@ class BcrOptions:
     """Checks known to fail (``--bcr-known``, ini ``bcr_known``, marker ``bcr_known``)."""
     profile: str = "default"
     seed: object = None
+    database: ExampleDatabase | None = None
+    """The lockstep tests' example database (``--bcr-database``); None: the profile's."""
+    database_location: str | None = None
     soak_reports: list[str] = field(default_factory=list)
     """Lines for the terminal summary: each lockstep test's coverage (hits, evictions, and
     why a pass may be vacuous), soak rounds, known failures."""
@@ -152,6 +168,12 @@ def pytest_addoption(parser):
     group.addoption("--bcr-op-timeout", dest="bcr_op_timeout", type=float, metavar="S",
                     help="seconds one call into an implementation may take before it is "
                          f"reported hung (ini: bcr_op_timeout; default {DEFAULT_OP_TIMEOUT:g})")
+    group.addoption("--bcr-database", dest="bcr_database", metavar="URL",
+                    help="the lockstep tests' Hypothesis example database: redis://HOST:PORT/DB"
+                         " (shared by every machine of a campaign) or a directory; replaces "
+                         "the profile's (ini: bcr_database)")
+    parser.addini("bcr_database", "example database: redis://HOST:PORT/DB or a directory "
+                  "(relative to the rootdir)", default="")
     parser.addini("bcr_soak_minutes", "soak time budget in minutes", default="")
     parser.addini("bcr_op_timeout", "seconds one implementation call may take", default="")
     parser.addini("bcr_known", "checks known to fail", type="linelist", default=[])
@@ -171,6 +193,7 @@ def _options(config) -> BcrOptions:
     minutes = _positive_number(config, "bcr_soak_minutes", "--bcr-soak-minutes")
     timeout = _positive_number(config, "bcr_op_timeout", "--bcr-op-timeout")
     kv = get("bcr_kv_replay")
+    database, location = _database(config)
     return BcrOptions(
         implementations=list(get("bcr_impls") or config.getini("bcr_impls")),
         block_sizes=sizes, workload=get("bcr_workload") or config.getini("bcr_workload") or None,
@@ -180,7 +203,27 @@ def _options(config) -> BcrOptions:
         op_timeout=DEFAULT_OP_TIMEOUT if timeout is None else timeout,
         known=list(get("bcr_known") or config.getini("bcr_known")),
         profile=get("hypothesis_profile", None) or "default",
-        seed=get("hypothesis_seed", None))
+        seed=get("hypothesis_seed", None), database=database, database_location=location)
+
+
+def _database(config) -> tuple[ExampleDatabase | None, str | None]:
+    """``--bcr-database`` (or ini ``bcr_database``, a directory relative to the rootdir) opened,
+    and where it is, fit to print; a location that cannot serve is a usage error."""
+    given = config.getoption("bcr_database")
+    location = given if given is not None else config.getini("bcr_database")
+    if given is None and not location:
+        return None, None
+    option = "--bcr-database" if given is not None else "ini bcr_database"
+    if config.getoption("hypothesis_seed", None) is not None:
+        raise pytest.UsageError(f"{option} has no effect with --hypothesis-seed: Hypothesis "
+                                "uses no example database when a seed is forced; drop one")
+    if "://" not in location and not Path(location).is_absolute():
+        base = config.invocation_params.dir if given is not None else config.rootpath
+        location = str(Path(base) / location)
+    try:
+        return open_database(location, option), public_location(location)
+    except UnusableDatabase as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _positive_number(config, name: str, option: str) -> float | None:
@@ -205,6 +248,11 @@ def pytest_configure(config):
             "--hypothesis-profile crosshair needs the hypothesis-crosshair backend, which is "
             "not installed here: pip install hypothesis-crosshair (it pulls crosshair-tool)")
     _CURRENT = _options(config)
+    if profile == "replay" and _CURRENT.database is None:
+        raise pytest.UsageError(
+            "--hypothesis-profile replay replays the examples saved in the example database "
+            "given by --bcr-database (or ini bcr_database), and none is given: add "
+            "--bcr-database redis://HOST:6379/0 (or a directory)")
     config.addinivalue_line("markers", "bcr_trace: a replayed bcr_verify trace file")
     config.addinivalue_line("markers", "bcr_known(*checks): checks known to fail for this "
                             "test's implementation: counted with a witness, not findings")
