@@ -209,3 +209,14 @@ def test_bad_database_locations_are_usage_errors(tmp_path):
     assert out.returncode == 4 and "unknown scheme 'http'" in out.stderr, out.stderr[-2000:]
     out = worker(project, "--hypothesis-profile", "replay")
     assert out.returncode == 4 and "--bcr-database" in out.stderr, out.stderr[-2000:]
+
+
+def test_replay_profile_only_replays():
+    from hypothesis import Phase, settings
+
+    import bcr_verify.pytest_plugin  # noqa: F401  (registers the profiles)
+    replay = settings.get_profile("replay")
+    assert set(replay.phases) == {Phase.explicit, Phase.reuse}
+    assert not replay.derandomize  # derandomize=True would mean no database at all
+    steps = max(settings.get_profile(p).stateful_step_count for p in ("dev", "ci", "soak"))
+    assert replay.stateful_step_count >= steps  # a saved example is never cut short
