@@ -10,6 +10,10 @@
   ``soak``  long examples (at most 200 steps); lockstep tests repeat Hypothesis runs (rounds
             of at most 200 examples, sized from the time per example) until the soak budget
             (``--bcr-soak-minutes``, default 10) is spent; see :func:`bcr_verify.testing.run_lockstep`.
+  ``replay``  no search: only the explicit and reuse phases, so each lockstep test replays the
+            examples saved in the example database (``--bcr-database``) and nothing else;
+            what CI runs against a campaign's shared database. The terminal summary says how
+            many examples each test replayed, and when that is none.
   ``crosshair``  Hypothesis's CrossHair backend; registered only when hypothesis-crosshair is
             importable, otherwise asking for it is a usage error saying what to install.
 
@@ -23,7 +27,9 @@
   (seconds one implementation call may take before it is a hang finding; default 10),
   ``--bcr-shrink-seconds`` / ``bcr_shrink_seconds`` (how long a failure is shrunk; default 120);
   ``--bcr-shards`` / ``bcr_shards`` (each lockstep test as N items with their own seeds, for
-  ``pytest -n``); ``--bcr-replay-corpus`` also collects the corpus directory's traces.
+  ``pytest -n``); ``--bcr-database`` / ``bcr_database`` (the lockstep tests' Hypothesis example database, a
+  ``redis://HOST:PORT/DB`` URL or a directory, see :mod:`bcr_verify.database`; it replaces
+  the profile's); ``--bcr-replay-corpus`` also collects the corpus directory's traces.
 
 * pytest-xdist: every lockstep test's seed is derived from one session seed (drawn by the
   controller and handed to the workers) and its node id; workers report their summary lines
@@ -47,7 +53,9 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.database import ExampleDatabase
 
+from bcr_verify.database import UnusableDatabase, open_database, public_location
 from bcr_verify.guard import DEFAULT_OP_TIMEOUT
 from bcr_verify.lockstep import DEFAULT_SHRINK_SECONDS
 
@@ -64,6 +72,12 @@ settings.register_profile("ci", max_examples=100, stateful_step_count=50, deadli
                           phases=_NO_EXPLAIN, suppress_health_check=_SLOW)
 settings.register_profile("soak", max_examples=200, stateful_step_count=200, deadline=None,
                           print_blob=True, suppress_health_check=_SLOW)
+# No shrink phase: a replayed example that still fails was saved shrunk. Not derandomized
+# (that implies no database), and a step count no other profile exceeds: a saved example
+# cut short by a smaller one would no longer fail, and Hypothesis would delete it.
+settings.register_profile("replay", phases=[Phase.explicit, Phase.reuse],
+                          stateful_step_count=1000, deadline=None, print_blob=True,
+                          suppress_health_check=_SLOW)
 
 
 def crosshair_available() -> bool:
@@ -102,6 +116,9 @@ class BcrOptions:
     session_seed: int = 0
     """Drawn once per session (by the xdist controller for all its workers); lockstep
     seeds derive from it unless ``--hypothesis-seed`` or a derandomized profile decides."""
+    database: ExampleDatabase | None = None
+    """The lockstep tests' example database (``--bcr-database``); None: the profile's."""
+    database_location: str | None = None
     soak_reports: list[str] = field(default_factory=list)
     """Lines for the terminal summary: each lockstep test's coverage (hits, evictions, and
     why a pass may be vacuous), soak rounds, known failures."""
@@ -176,6 +193,12 @@ def pytest_addoption(parser):
                     help="run each lockstep test as N items with distinct seeds, so that "
                          "pytest -n spreads one test over N workers (ini: bcr_shards; "
                          "default 1)")
+    group.addoption("--bcr-database", dest="bcr_database", metavar="URL",
+                    help="the lockstep tests' Hypothesis example database: redis://HOST:PORT/DB"
+                         " (shared by every machine of a campaign) or a directory; replaces "
+                         "the profile's (ini: bcr_database)")
+    parser.addini("bcr_database", "example database: redis://HOST:PORT/DB or a directory "
+                  "(relative to the rootdir)", default="")
     parser.addini("bcr_soak_minutes", "soak time budget in minutes", default="")
     parser.addini("bcr_shards", "items (distinct seeds) per lockstep test", default="")
     parser.addini("bcr_op_timeout", "seconds one implementation call may take", default="")
@@ -205,6 +228,7 @@ def _options(config) -> BcrOptions:
             raise pytest.UsageError("ini bcr_shards must be a whole number") from None
     if shards < 1:
         raise pytest.UsageError(f"--bcr-shards must be >= 1, got {shards}")
+    database, location = _database(config)
     return BcrOptions(
         implementations=list(get("bcr_impls") or config.getini("bcr_impls")),
         block_sizes=sizes, workload=get("bcr_workload") or config.getini("bcr_workload") or None,
@@ -215,7 +239,27 @@ def _options(config) -> BcrOptions:
         shrink_seconds=DEFAULT_SHRINK_SECONDS if shrink is None else shrink,
         known=list(get("bcr_known") or config.getini("bcr_known")), shards=shards,
         profile=get("hypothesis_profile", None) or "default",
-        seed=get("hypothesis_seed", None))
+        seed=get("hypothesis_seed", None), database=database, database_location=location)
+
+
+def _database(config) -> tuple[ExampleDatabase | None, str | None]:
+    """``--bcr-database`` (or ini ``bcr_database``, a directory relative to the rootdir) opened,
+    and where it is, fit to print; a location that cannot serve is a usage error."""
+    given = config.getoption("bcr_database")
+    location = given if given is not None else config.getini("bcr_database")
+    if given is None and not location:
+        return None, None
+    option = "--bcr-database" if given is not None else "ini bcr_database"
+    if config.getoption("hypothesis_seed", None) is not None:
+        raise pytest.UsageError(f"{option} has no effect with --hypothesis-seed: Hypothesis "
+                                "uses no example database when a seed is forced; drop one")
+    if "://" not in location and not Path(location).is_absolute():
+        base = config.invocation_params.dir if given is not None else config.rootpath
+        location = str(Path(base) / location)
+    try:
+        return open_database(location, option), public_location(location)
+    except UnusableDatabase as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _positive_number(config, name: str, option: str) -> float | None:
@@ -243,6 +287,11 @@ def pytest_configure(config):
     worker = getattr(config, "workerinput", None)  # set by pytest-xdist in its workers
     _CURRENT.session_seed = (worker["bcr_session_seed"] if worker
                              else int.from_bytes(os.urandom(8), "big"))
+    if profile == "replay" and _CURRENT.database is None:
+        raise pytest.UsageError(
+            "--hypothesis-profile replay replays the examples saved in the example database "
+            "given by --bcr-database (or ini bcr_database), and none is given: add "
+            "--bcr-database redis://HOST:6379/0 (or a directory)")
     config.addinivalue_line("markers", "bcr_trace: a replayed bcr_verify trace file")
     config.addinivalue_line("markers", "bcr_known(*checks): checks known to fail for this "
                             "test's implementation: counted with a witness, not findings")

@@ -35,11 +35,16 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
+import random
 import re
 import sys
 import threading
 import time
 import tracemalloc
+import unittest
+from collections import Counter
+from contextlib import contextmanager
 from typing import Any, Callable, ClassVar
 
 import pytest
@@ -121,16 +126,71 @@ def _machine_class(implementations, block_size, workload, kv_replay, capacity_pa
     return ConformanceMachine
 
 
+def lockstep_database_key(implementations, block_size, *, workload=None, kv_replay=False,
+                          events=False, capacity_pages=None, label: str = "") -> bytes:
+    """What names one lockstep test's examples in the example database: equal on every
+    machine for one test, different for different tests.
+
+    Hypothesis keys a stateful test by a digest of its machine class, and ours are made at
+    run time under one name per block size, so without this every conformance test at one
+    block size would share a key: in a shared database they would replay, and delete as no
+    longer failing, each other's examples.
+    """
+    return json.dumps({"implementations": list(implementations), "block_size": block_size,
+                       "workload": workload, "kv_replay": bool(kv_replay),
+                       "events": bool(events), "capacity_pages": capacity_pages,
+                       "test": label}, sort_keys=True).encode()
+
+
+def lockstep_test(machine, settings, key: bytes):
+    """The Hypothesis test that runs ``machine`` under ``settings``, its examples kept under
+    ``key`` (:func:`lockstep_database_key`) in the settings' database."""
+    from hypothesis.stateful import get_state_machine_test
+
+    test = get_state_machine_test(machine, settings=settings, _min_steps=0,
+                                  _flaky_state={"selecting_rule": False})
+    # The hook Hypothesis's own stateful module (the machine digest) and pytest plugin (the
+    # node id of a parametrized test) use: the database key is a digest of the inner test.
+    test.hypothesis.inner_test._hypothesis_internal_add_digest = key
+    return test
+
+
+@contextmanager
+def _counting_replays(replayed: Counter):
+    """Count, in ``replayed``, the examples Hypothesis's reuse phase replays from the
+    database ("examples") and those that still fail ("failing"), from the statistics each
+    run reports; whoever collected them before (``--hypothesis-show-statistics``) still does."""
+    from hypothesis.statistics import collector
+
+    previous = collector.value
+
+    def note(statistics):
+        cases = statistics.get("reuse-phase", {}).get("test-cases", [])
+        replayed["examples"] += len(cases)
+        replayed["failing"] += sum(case["status"] == "interesting" for case in cases)
+        if previous is not None:
+            previous(statistics)
+
+    with collector.with_value(note):
+        yield
+
+
 def run_lockstep(implementations: list[str], block_size: int, *, workload: str | None = None,
                  kv_replay: bool = False, corpus=None, soak_budget_s: float | None = None,
                  seed=None, capacity_pages: int | None = None, label: str = "",
                  op_timeout: float | None = None, known=(), events: bool = False,
                  shrink_seconds: float | None = DEFAULT_SHRINK_SECONDS,
-                 rerun: str | None = None) -> dict:
+                 rerun: str | None = None, database=None,
+                 replayed: Counter | None = None) -> dict:
     """Run the lockstep machine under the current Hypothesis profile; save a failure's trace.
 
     A failure is shrunk for at most ``shrink_seconds``; the trace saved is then the smallest
     failing example found by then, and the test fails saying so.
+
+    Failing examples are saved to, and replayed first from, ``database`` (an ExampleDatabase)
+    under :func:`lockstep_database_key`; with None, none is used, whatever the profile says
+    (as ``@seed`` would have it). ``replayed``, if given, counts the examples replayed
+    from the database (see :func:`_counting_replays`), also when the run fails.
 
     With ``soak_budget_s``, Hypothesis runs repeat in rounds (each with its own seed, at most
     the profile's ``max_examples``, sized from the time per example so far) until the budget
@@ -142,13 +202,16 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
     """
     from hypothesis import settings as Settings
     from hypothesis import HealthCheck, seed as hseed
-    from hypothesis.stateful import get_state_machine_test
 
     from bcr_verify.session import TOTALS
 
     budget = StepBudget(shrink_seconds=shrink_seconds)
     machine = _machine_class(implementations, block_size, workload, kv_replay, capacity_pages,
                              op_timeout, known, events, budget)
+    key = lockstep_database_key(implementations, block_size, workload=workload,
+                                kv_replay=kv_replay, events=events,
+                                capacity_pages=capacity_pages, label=label)
+    replayed = Counter() if replayed is None else replayed
     TOTALS.reset()
     start = time.monotonic()
     profile_max = Settings().max_examples
@@ -156,7 +219,8 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
     try:
         while True:
             rounds += 1
-            run_settings = Settings(deadline=None, suppress_health_check=list(HealthCheck))
+            run_settings = Settings(deadline=None, suppress_health_check=list(HealthCheck),
+                                    database=database)
             if soak_budget_s is not None:
                 # Rounds sized from the time per example so far: the budget is checked between
                 # rounds, each round at most the profile's max_examples (the first only 10).
@@ -166,11 +230,13 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
                 size = (min(profile_max, 10) if per_example is None else
                         max(1, min(profile_max, int(left / per_example))))
                 run_settings = Settings(run_settings, max_examples=size)
-            test = get_state_machine_test(machine, settings=run_settings, _min_steps=0,
-                                          _flaky_state={"selecting_rule": False})
             if seed is not None:
-                test = hseed(seed + rounds - 1)(test)
-            test()
+                # Seeding the machine, not its test: @seed on a test also turns its database
+                # off, while a seeded machine's test keeps the settings it is given.
+                hseed(seed + rounds - 1)(machine)
+            test = lockstep_test(machine, run_settings, key)
+            with _counting_replays(replayed):
+                test()
             if soak_budget_s is None:
                 break
             spent = time.monotonic() - start
@@ -202,7 +268,26 @@ def run_lockstep(implementations: list[str], block_size: int, *, workload: str |
         found[check] = {"count": hit["count"], "trace": str(path) if path else None}
     return {"rounds": rounds, "examples": machine.examples,
             "seconds": round(time.monotonic() - start, 1), "known": found,
-            "totals": TOTALS.as_dict()}
+            "totals": TOTALS.as_dict(), "replayed": dict(replayed)}
+
+
+def _replay_report(replayed: Counter, location: str | None) -> str | None:
+    """The summary's line on what was replayed from the example database: always under a
+    profile that only replays (a test with nothing saved verified nothing), and whenever
+    ``--bcr-database`` is given; None otherwise."""
+    from hypothesis import Phase
+    from hypothesis import settings as Settings
+
+    replay_only = Phase.generate not in Settings().phases
+    if not replay_only and location is None:
+        return None
+    where = location or "Hypothesis's local database"
+    count = replayed["examples"]
+    if count == 0:
+        return (f"replayed 0 saved examples from {where}: nothing is saved for this test"
+                + ("; NOTHING VERIFIED (this profile does not search)" if replay_only else ""))
+    return (f"replayed {count} saved example{'s' if count != 1 else ''} from {where}, "
+            f"{replayed['failing']} still failing")
 
 
 def lockstep_test_case(implementations: list[str], block_size: int = 16, **attrs) -> type:
@@ -376,19 +461,31 @@ class PrefixCacheConformance:
         base = seed_base(opts.seed, opts.session_seed)
         known = [*opts.known, *(c for m in request.node.iter_markers("bcr_known") for c in m.args)]
         seed = lockstep_seed(base, test_id)
-        result = run_lockstep(
-            impls, bcr_block_size, workload=opts.workload or self.workload,
-            kv_replay=bool(opts.kv_replay), corpus=opts.corpus, soak_budget_s=budget,
-            seed=seed, capacity_pages=self.capacity_pages,
-            label=test_id, op_timeout=opts.op_timeout, known=known, events=opts.events,
-            shrink_seconds=opts.shrink_seconds,
-            rerun=" ".join([f"pytest '{test_id}' --hypothesis-seed={base}",
-                            *([f"--hypothesis-profile {opts.profile}"]
-                              if opts.profile != "default" else []),
-                            *([f"--bcr-shards {opts.shards}"] if opts.shards > 1 else [])]))
         # Summary lines travel as user properties: xdist forwards them to the controller,
         # whose pytest_runtest_logreport collects them for the terminal summary.
         report = request.node.user_properties
+        replayed = Counter()
+        try:
+            result = run_lockstep(
+                impls, bcr_block_size, workload=opts.workload or self.workload,
+                kv_replay=bool(opts.kv_replay), corpus=opts.corpus, soak_budget_s=budget,
+                seed=seed, capacity_pages=self.capacity_pages, label=test_id,
+                op_timeout=opts.op_timeout, known=known, events=opts.events,
+                shrink_seconds=opts.shrink_seconds, database=opts.database,
+                replayed=replayed,
+                rerun=" ".join([f"pytest '{test_id}' --hypothesis-seed={base}",
+                                *([f"--hypothesis-profile {opts.profile}"]
+                                  if opts.profile != "default" else []),
+                                *([f"--bcr-shards {opts.shards}"] if opts.shards > 1 else [])]))
+        except unittest.SkipTest:  # Hypothesis ran no example: a replay with nothing saved
+            reason = _replay_report(replayed, opts.database_location)
+            if reason is None:
+                raise
+            pytest.skip(reason)
+        finally:
+            line = _replay_report(replayed, opts.database_location)
+            if line:
+                report.append(("bcr_verify", f"{test_id}: {line}"))
         totals = result["totals"]
         lanes = {name: {k: s.get(k, 0) for k in ("hits", "evictions", "refused")}
                  for name, s in totals["implementations"].items()}
