@@ -523,8 +523,10 @@ class Lockstep:
         if pages is None:
             return None
         pages = list(pages)
-        bad = [p for p in pages if p in lane.shadow or p in lane.held]
-        if bad or len(set(pages)) != len(pages):
+        fresh = set(pages)
+        if len(fresh) != len(pages) or not (lane.shadow.holds_none(fresh)
+                                            and lane.held.isdisjoint(fresh)):
+            bad = [p for p in pages if p in lane.shadow or p in lane.held]
             raise InvariantViolation(
                 lane.name, "allocator", f"handed out pages {short(bad or pages)} that are "
                 "cached, held by a running request, or repeated")

@@ -10,7 +10,7 @@ def test_steps_come_back_as_written_with_prompts_named_once(tmp_path):
     log.step("reset", {})
     origin = {"implementations": ["reference"], "block_size": 4}
     log.fresh(origin)
-    prompts = [[i, i + 1, i + 2] for i in range(journal.PROMPTS_KEPT + 3)]
+    prompts = [[i, i + 1, i + 2] for i in range(journal.PROMPTS_KEPT + 3)] + [[2**70, 1]]
     steps = [{"op": "begin", "args": {"tokens": prompts[0]}}, {"op": "finish", "args": {"rid": 0}}]
     steps += [{"op": "match", "args": {"tokens": p}} for p in prompts]  # past the memo's bound
     steps += [{"op": "match", "args": {"tokens": prompts[0]}}, {"op": "evict", "args": {"num_tokens": 8}}]
@@ -19,7 +19,9 @@ def test_steps_come_back_as_written_with_prompts_named_once(tmp_path):
     log.close()
     assert journal.read(path) == (origin, steps)
     text = path.read_text()
-    assert text.count('"tokens":[0,1,2]') == 2  # once, then again only after the memo was cut
+    first = journal._packed([0, 1, 2])["q"]
+    assert text.count(first) == 2  # once, then again only after the memo was cut
+    assert '"tokens":[1180591620717411303424,1]' in text  # past 64 bits: a JSON list
 
 
 def test_a_torn_last_line_is_dropped(tmp_path):

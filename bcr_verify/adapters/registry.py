@@ -10,6 +10,7 @@ otherwise).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -202,7 +203,11 @@ def wants_spec(factory) -> bool:
                                   (CacheSpec, "CacheSpec"))
 
 
+@functools.lru_cache(maxsize=1)
 def _entry_points() -> dict[str, Implementation]:
+    """Implementations other packages register; read once per process, since scanning every
+    installed distribution's metadata took most of the time to build a Hypothesis example's
+    lanes."""
     found = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         found[ep.name] = from_factory(ep.value, name=ep.name)

@@ -114,6 +114,10 @@ class ReferenceCache:
     def evictable_tokens(self) -> int:
         return self.cached_tokens - self.protected_tokens
 
+    def holds_none(self, values: Iterable[Hashable]) -> bool:
+        """No value in ``values`` is cached (one set operation, for checking allocations)."""
+        return self._by_value.keys().isdisjoint(values)
+
     def values(self) -> list[Hashable]:
         return list(self._by_value)
 
@@ -360,19 +364,23 @@ class ReferenceCache:
         """Check the trie's own consistency; raises ``AssertionError`` naming what broke."""
         seen: dict[int, Block] = {}
         stack = [(None, key, b) for key, b in self._root_children.items()]
+        bs, clock, by_value = self.block_size, self.clock, self._by_value
+
+        def name(block):  # only when an assertion fails: it costs more than the checks
+            return f"block {list(block.copies)[:2]} at {block.tokens}"
+
         while stack:
             parent, key, block = stack.pop()
-            name = f"block {list(block.copies)[:2]} at {block.tokens}"
-            assert id(block) not in seen, f"{name} reachable twice"
+            assert id(block) not in seen, f"{name(block)} reachable twice"
             seen[id(block)] = block
-            assert block.parent is parent, f"{name} has a wrong parent link"
-            assert key == block.tokens, f"{name} is filed under a wrong key"
-            assert len(block.tokens) == self.block_size, f"{name} is not full"
-            assert block.copies or block.children, f"{name} is hollow with nothing below it"
+            assert block.parent is parent, f"{name(block)} has a wrong parent link"
+            assert key == block.tokens, f"{name(block)} is filed under a wrong key"
+            assert len(block.tokens) == bs, f"{name(block)} is not full"
+            assert block.copies or block.children, f"{name(block)} is hollow with nothing below it"
             for value, refs in block.copies.items():
-                assert refs >= 0, f"{name}: {value!r} has refcount {refs}"
-                assert self._by_value.get(value) is block, f"value {value!r} not indexed"
-            assert block.used <= block.maybe_used <= self.clock, f"{name} clock"
+                assert refs >= 0, f"{name(block)}: {value!r} has refcount {refs}"
+                assert by_value.get(value) is block, f"value {value!r} not indexed"
+            assert block.used <= block.maybe_used <= clock, f"{name(block)} clock"
             if parent is not None:
                 assert block.used <= parent.maybe_used, "a block was used but its parent was not"
             stack.extend((block, k, c) for k, c in block.children.items())
