@@ -59,6 +59,14 @@ class DynamoIndex:
             self.rejected += 1
 
     def held_blocks(self, tokens) -> int:
-        hashes = compute_block_hash_for_seq(list(tokens), self.block_size)
+        return self.held_of(block_hashes(tokens, self.block_size))
+
+    def held_of(self, hashes) -> int:
+        """:meth:`held_blocks` of a prompt already hashed by :func:`block_hashes`."""
         scores = self.tree.find_matches(hashes).scores
         return scores.get((self.worker, 0), 0)
+
+
+def block_hashes(tokens, block_size: int) -> list[int]:
+    """The prompt's blocks as Dynamo walks them: one hash per full block of tokens."""
+    return compute_block_hash_for_seq(list(tokens), block_size)

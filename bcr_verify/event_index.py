@@ -50,9 +50,14 @@ class ReferenceIndex:
 
     def held_blocks(self, tokens) -> int:
         """Leading full blocks of ``tokens`` this index says the worker holds."""
-        parent, held, bs = None, 0, self.block_size
-        for start in range(0, len(tokens) // bs * bs, bs):
-            h = self.by_key.get((parent, tuple(tokens[start:start + bs])))
+        bs = self.block_size
+        return self.held_of([tuple(tokens[i:i + bs]) for i in range(0, len(tokens) // bs * bs, bs)])
+
+    def held_of(self, blocks) -> int:
+        """:meth:`held_blocks` of a prompt already cut into blocks (tuples of tokens)."""
+        parent, held = None, 0
+        for block in blocks:
+            h = self.by_key.get((parent, block))
             if h is None or h not in self.nodes:
                 break
             parent, held = h, held + 1

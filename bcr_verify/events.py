@@ -19,7 +19,8 @@ one instead (vLLM's per-copy removals, an open upstream issue, are one).
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
+from typing import NamedTuple
 
 from bcr_verify.adapters.base import Cleared, Removed, Stored
 from bcr_verify.errors import Divergence
@@ -53,8 +54,21 @@ RULES = {
 }
 """Each rule of the events oracle, by the name its failures carry."""
 
+HASHES_KEPT = 16_384
+"""Announced hashes remembered per lane, to catch a hash reused for another block (a
+collision, or a hash blind to position) long after the first left the cache. A bound, because
+a soak announces millions of blocks: kept for the whole run they grew a 30-minute soak's
+memory by ~100 MB, which its growth verdict rightly called a leak."""
 PROBES = 4
 """Recent prompts (besides the step's own) each index is asked about after every step."""
+
+
+class Probe(NamedTuple):
+    """A recent prompt every consumer is asked about."""
+
+    tokens: list[int]
+    blocks: list[tuple[int, ...]]
+    dynamo_hashes: list[int] | None
 
 
 class LaneEvents:
@@ -66,7 +80,8 @@ class LaneEvents:
         self.hash_of: dict = {}        # model Block -> announced hash
         self.block_of: dict = {}       # announced hash -> model Block
         self.copies: Counter = Counter()  # model Block -> copies, replayed from the change log
-        self.key_of_hash: dict = {}    # hash -> (parent hash, tokens), for the whole run
+        self.key_of_hash: OrderedDict = OrderedDict()
+        """hash -> (parent hash, tokens) of the last ``HASHES_KEPT`` blocks announced."""
         self.counting = ReferenceIndex(self.bs, counting=True)
         self.router = ReferenceIndex(self.bs, counting=False)
         self.dynamo = None
@@ -102,13 +117,24 @@ class EventsOracle(Observer):
 
     def after_step(self, op: str, args: dict) -> None:
         tokens = args.get("tokens")
+        probe = self._probe(tokens) if tokens is not None and self.lanes else None
+        probes = list(self.recent) + ([probe] if probe is not None else [])
         for state in self.lanes:
             changes, state.lane.shadow.changes = state.lane.shadow.changes, []
             self._judge(state, changes, state.lane.adapter.take_events())
-            probes = list(self.recent) + ([tokens] if tokens is not None else [])
             self._ask(state, probes)
-        if tokens is not None:
-            self.recent.append(tokens)
+        if probe is not None:
+            self.recent.append(probe)
+
+    def _probe(self, tokens: list[int]) -> Probe:
+        """``tokens`` cut into blocks and hashed Dynamo's way once, for every lane and for the
+        steps it stays among the recent probes (each cut cost more than the lookups)."""
+        lane = self.lanes[0].lane
+        hashes = None
+        if self.dynamo:
+            from bcr_verify.dynamo_index import block_hashes
+            hashes = block_hashes(tokens, lane.block_size)
+        return Probe(tokens, lane.shadow.split(tokens), hashes)
 
     def report(self) -> dict:
         return {"events": {
@@ -193,6 +219,8 @@ class EventsOracle(Observer):
             adds.remove(entry)
             block = entry[0]
             s.hash_of[block], s.block_of[h], s.key_of_hash[h] = h, block, (parent, tokens)
+            if len(s.key_of_hash) > HASHES_KEPT:
+                s.key_of_hash.popitem(last=False)
             s.stats["blocks_stored"] += 1
             s.stats["extra_copies_stored"] += entry[1] > 0
             parent = h
@@ -223,18 +251,18 @@ class EventsOracle(Observer):
 
     # ----------------------------------------------------------------- asking consumers
 
-    def _ask(self, s: LaneEvents, probes: list) -> None:
+    def _ask(self, s: LaneEvents, probes: list[Probe]) -> None:
         shadow = s.lane.shadow
-        for tokens in probes:
-            want = shadow.cached_blocks(tokens)
-            got = s.counting.held_blocks(tokens)
+        for tokens, blocks, hashes in probes:
+            want = shadow.cached_in(blocks)
+            got = s.counting.held_of(blocks)
             s.stats["index_checks"] += 1
             if got != want:
                 raise s.fail("index", f"fed this lane's events, a refcounting index says it "
                              f"holds {got} leading blocks of a {len(tokens)}-token prompt; "
                              f"the cache holds {want}")
             if s.dynamo is not None:
-                routed, dynamo = s.router.held_blocks(tokens), s.dynamo.held_blocks(tokens)
+                routed, dynamo = s.router.held_of(blocks), s.dynamo.held_of(hashes)
                 s.stats["dynamo_checks"] += 1
                 if routed != dynamo:
                     raise Divergence(f"dynamo vs {s.lane.name}", "events: dynamo", (

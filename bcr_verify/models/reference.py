@@ -99,7 +99,11 @@ class ReferenceCache:
     def cached_blocks(self, token_ids: Sequence[int]) -> int:
         """How many leading full blocks of ``token_ids`` are cached (a lookup that is not a
         use: no LRU stamp)."""
-        return len(self._walk(self._split(token_ids, "token_ids")))
+        return self.cached_in(self._split(token_ids, "token_ids"))
+
+    def cached_in(self, blocks: list[tuple[int, ...]]) -> int:
+        """:meth:`cached_blocks` on blocks made by :meth:`split` of a model of this block size."""
+        return len(self._walk(blocks))
 
     @property
     def cached_tokens(self) -> int:
