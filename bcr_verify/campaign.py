@@ -52,7 +52,8 @@ FORWARDED = {"impls": "--impl", "block_size": "--block-size", "workload": "--wor
              "minutes": "--minutes", "check_every": "--check-every",
              "sample_seconds": "--sample-seconds", "strict_lru": "--strict-lru",
              "events": "--events", "shape": "--shape", "trace_dir": "--trace-dir",
-             "op_timeout": "--op-timeout", "in_process": "--in-process"}
+             "op_timeout": "--op-timeout", "in_process": "--in-process",
+             "shrink_seconds": "--shrink-seconds"}
 """The soak options every worker gets as given (``--seed`` and ``--ops`` are derived)."""
 CAMPAIGN_ONLY = {"workers", "seed", "ops", "json", "plot", "quiet"}
 """The options the campaign itself answers; a new soak option must join one of the two sets
