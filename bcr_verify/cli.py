@@ -273,16 +273,8 @@ def print_report(report: dict) -> None:
               "(where their contracts agree on the result)")
     if "kv_replay" in report:
         print(f"kv replay: {report['kv_replay']}")
-    events = report.get("events")
-    if events:
-        for name, c in events.get("lanes", {}).items():
-            print(f"events {name}: {c.get('blocks_stored', 0)} blocks stored, "
-                  f"{c.get('blocks_removed', 0)} removed, {c.get('cleared', 0)} flushes, "
-                  f"{c.get('extra_copies_stored', 0)} extra copies; every one checked, and "
-                  f"{c.get('index_checks', 0)} index / {c.get('dynamo_checks', 0)} Dynamo "
-                  "lookups agreed")
-        if events.get("no_event_stream"):
-            print(f"events: no stream from {', '.join(events['no_event_stream'])}")
+    for line in events_lines(report.get("events")):
+        print(line)
     for name, stats in report["implementations"].items():
         notes = stats.get("notes") or {}
         if notes.get("generation"):
@@ -308,6 +300,20 @@ def print_report(report: dict) -> None:
     for note in report.get("notes", []):
         print(f"note: {note}")
     print(verdict_line(report))
+
+
+def events_lines(events: dict | None) -> list[str]:
+    """What the events oracle checked, a line per lane (``run`` and ``soak`` reports)."""
+    if not events:
+        return []
+    lines = [f"events {name}: {c.get('blocks_stored', 0):,} blocks stored, "
+             f"{c.get('blocks_removed', 0):,} removed, {c.get('cleared', 0):,} flushes, "
+             f"{c.get('extra_copies_stored', 0):,} extra copies; every one checked, and "
+             f"{c.get('index_checks', 0):,} index / {c.get('dynamo_checks', 0):,} Dynamo "
+             "lookups agreed" for name, c in events.get("lanes", {}).items()]
+    if events.get("no_event_stream"):
+        lines.append(f"events: no stream from {', '.join(events['no_event_stream'])}")
+    return lines
 
 
 def verdict_line(report: dict) -> str:

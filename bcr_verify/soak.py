@@ -316,7 +316,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
 
     from bcr_verify.provenance import provenance
     from bcr_verify.runner import select_implementations
-    from bcr_verify.session import build_lockstep, prompt_source
+    from bcr_verify.session import build_lockstep, prompt_source, vacuity_warnings
 
     if config.minutes is None and config.max_ops is None:
         raise UsageError("give minutes or max_ops")
@@ -493,6 +493,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                             capacity, config.workload)
     growth = growth_verdict(samples, capacity) if not deep else {
         "verdict": "not judged: the deep shape grows its trees by design", "series": {}}
+    observed = {k: v for o in lockstep.observers for k, v in o.report().items()}
     if failure is not None:
         verdict = "fail"
     elif interrupted:
@@ -531,6 +532,11 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                    "max": max(s["rss_mb"] for s in samples)},
         "growth": growth,
         "implementations_detail": per_impl,
+        **observed,
+        "vacuous_warnings": vacuity_warnings(
+            {"implementations": per_impl, "steps": total_ops, **observed,
+             "cross_lane_checks": lockstep.cross_checks}, not_run)
+        if verdict in ("pass", "inconclusive") else [],
         "failure": trace.failure if trace is not None else None,
         "found_as": failure.as_dict() if failure else None,
         "trace": trace_path, "shrink": shrink_info,
@@ -609,8 +615,10 @@ def summary(report: dict) -> str:
         f"{o['raw_implementation_op_seconds']} s = {o['ratio_wall_to_raw_ops']}x "
         f"(implementation self-checks {o['implementation_self_check_seconds']} s)",
     ]
+    from bcr_verify.cli import events_lines
     from bcr_verify.shape import shape_line
     lines.append(shape_line(report.get("tree_shape", {})))
+    lines += events_lines(report.get("events"))
     for name, r in report.get("lru_relaxations", {}).items():
         counts = ", ".join(f"{impl} {n:,}" for impl, n in r["count"].items())
         lines.append(f"deviation from strict LRU, accepted: {name} ({counts}); a "
@@ -629,6 +637,7 @@ def summary(report: dict) -> str:
             lines.append(f"GROWING: {key} {series['first']} -> {series['last']} (fitted drift "
                          f"{series['fitted_drift']:+} over the measured window, limit "
                          f"{series['limit']}; {series['slope_per_million_ops']:+} per million ops)")
+    lines += [f"WARNING (pass may be vacuous): {w}" for w in report.get("vacuous_warnings", [])]
     verdict = report["verdict"]
     if verdict == "fail" and report["failure"]:
         if report["interrupted"]:

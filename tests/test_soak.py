@@ -87,3 +87,19 @@ def test_deep_shape_grows_one_long_chain_and_fans_out(tmp_path):
     shape = r["tree_shape"]["sglang-radix"]
     assert shape["depth_nodes"] >= 120 and shape["fanout"] >= 3, shape  # ~2 ops per level
     assert shape["depth_blocks"] == r["tree_shape"]["reference"]["depth_blocks"]
+
+
+def test_soak_reports_the_events_it_checked_and_a_vacuous_pass(tmp_path):
+    from bcr_verify.soak import SoakConfig, soak, summary
+
+    result = soak(SoakConfig(implementations=["reference", "sglang-radix"], block_size=4,
+                             minutes=None, max_ops=400, events=True, sample_seconds=0.01,
+                             trace_dir=str(tmp_path)))
+    events = result.report["events"]
+    assert events["lanes"]["sglang-radix"]["blocks_stored"] > 0
+    assert events["no_event_stream"] == ["reference"]
+    assert "events sglang-radix:" in summary(result.report)
+    tiny = soak(SoakConfig(implementations=["reference"], minutes=None, max_ops=3,
+                           sample_seconds=0.001, trace_dir=str(tmp_path)))
+    assert any("zero cache hits" in w for w in tiny.report["vacuous_warnings"])  # seed 0
+    assert "WARNING (pass may be vacuous)" in summary(tiny.report)
