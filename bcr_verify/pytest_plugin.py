@@ -77,7 +77,8 @@ settings.register_profile("soak", max_examples=200, stateful_step_count=200, dea
 # cut short by a smaller one would no longer fail, and Hypothesis would delete it.
 settings.register_profile("replay", phases=[Phase.explicit, Phase.reuse],
                           stateful_step_count=1000, deadline=None, print_blob=True,
-                          suppress_health_check=_SLOW)
+                          suppress_health_check=_SLOW,
+                          derandomize=False)  # with CI set, profiles inherit Hypothesis's ci
 
 
 def crosshair_available() -> bool:

@@ -40,6 +40,9 @@ def test_hypofuzz_finds_a_planted_bug_that_pytest_then_replays(tmp_path):
         (tmp_path / name).write_text(textwrap.dedent(text))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                                         str(tmp_path)])}
+    # A campaign is not a CI job: with CI set, Hypothesis's ci profile (derandomized) is every
+    # test's default, and HypoFuzz, which needs random search, then finds nothing to fuzz.
+    env.pop("CI", None)
     fuzz = subprocess.Popen([str(HYPOTHESIS), "fuzz", "-n", "2", "--no-dashboard", "--",
                              "fuzz_target.py", "-p", "no:cacheprovider"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
