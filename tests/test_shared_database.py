@@ -11,25 +11,20 @@ import subprocess
 import sys
 import textwrap
 import time
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+
+from test_plugin import AUTOLOADED, PROJECT as PLUGIN_PROJECT
 
 redis = pytest.importorskip("redis", reason="the redis client is in requirements/dev.txt")
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
-AUTOLOADED = any(ep.value == "bcr_verify.pytest_plugin"
-                 for ep in entry_points(group="pytest11"))
 NODEID = "test_mine.py::TestMine::test_lockstep[bs4]"
 
 PROJECT = {
-    "pyproject.toml": """
-        [tool.pytest.ini_options]
-        bcr_corpus = "found"
-        bcr_block_sizes = "4"
-    """,
+    "pyproject.toml": PLUGIN_PROJECT["pyproject.toml"],
     # One factory name before and after the fix, as in a real project: FIXED picks the code.
     "mycache.py": """
         import os
