@@ -36,7 +36,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import random
 import re
 import sys
 import threading
