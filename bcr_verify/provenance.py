@@ -16,9 +16,11 @@ def _version(dist: str) -> str:
 
 
 def provenance(implementations: list[str], **request) -> dict:
-    """bcr_verify, Python, Hypothesis and each implementation's version, the command line,
+    """bcr_verify, Python, Hypothesis and each implementation's version, whether the model
+    judging them ran compiled, the command line,
     what was asked for (``request``: budget, seed, ...) and when."""
     from bcr_verify.adapters.registry import resolve
+    from bcr_verify.models import COMPILED
 
     versions = {}
     for name in implementations:
@@ -29,6 +31,7 @@ def provenance(implementations: list[str], **request) -> dict:
     return {
         "bcr_verify": _version("bcr-verify"), "python": platform.python_version(),
         "hypothesis": _version("hypothesis"), "implementations": versions,
+        "reference_model": "compiled (mypyc)" if COMPILED else "Python source",
         "command": sys.argv[:], "request": request,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,6 +1,8 @@
 """CrossHair checks the reference model's contracts (bcr_verify/models/contracts.py) within a
-time budget, and finds a planted contract violation (so a pass is not vacuous)."""
+time budget, and finds a planted contract violation (so a pass is not vacuous). It reasons
+about Python source, so the model is loaded from its source, not its compiled build."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,8 @@ def crosshair(*args, timeout=240):
     if exe is None:
         pytest.fail("crosshair-tool is not installed (pip install crosshair-tool)")
     return subprocess.run([exe, "check", *args, *BUDGET], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+                          cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "BCR_VERIFY_SOURCE_MODEL": "1"})
 
 
 def test_reference_contracts_hold():
@@ -56,6 +59,7 @@ def test_crosshair_finds_a_planted_violation(tmp_path):
     '''))
     out = subprocess.run([str(CROSSHAIR), "check", str(tmp_path / "planted.py"), *BUDGET],
                          capture_output=True, text=True, cwd=ROOT, timeout=240,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                              "BCR_VERIFY_SOURCE_MODEL": "1"})
     assert out.returncode == 1, out.stdout + out.stderr
     assert "false when calling match_after_insert" in out.stdout

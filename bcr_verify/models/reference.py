@@ -16,12 +16,23 @@ map keyed by chained hashes behaves exactly so).
 Design rule: obviously correct beats fast. One node per block, a dict of children per node,
 a dict from value to node; no path compression, no cleverness. Every public method validates
 all of its input before changing anything, so a refused call leaves the model unchanged.
+
+Where the package is built with mypy at hand, ``setup.py`` also compiles this module with
+mypyc: the same code, about twice as fast, which matters because every lane's every call is
+judged here. Compiled code enforces annotations, so an input the model validates itself is
+annotated ``Any``: a bool or a str then gets the model's own error, compiled or not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Sequence
+from typing import Any, Hashable, Iterable, Sequence
+
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # only compiling this module (setup.py) needs it
+    def mypyc_attr(*_, **__):  # type: ignore[misc]
+        return lambda cls: cls
 
 
 @dataclass(eq=False, slots=True)
@@ -69,15 +80,16 @@ RELAXATIONS = {
 accepts, by name."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests and users derive broken caches from it
 class ReferenceCache:
     """A pure-Python prefix cache with BCR-memory-2's API. See the module docstring."""
 
-    def __init__(self, block_size: int = 16):
+    def __init__(self, block_size: Any = 16):  # Any: validated below, whatever it is
         if isinstance(block_size, bool) or not isinstance(block_size, int):
             raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.block_size = block_size
+        self.block_size: int = block_size
         self.clock = 0
         self._root_children: dict[tuple[int, ...], Block] = {}
         self._by_value: dict[Hashable, Block] = {}
@@ -140,7 +152,7 @@ class ReferenceCache:
         """Cached copies no request holds: what an engine evicting single copies may take."""
         return [v for v, b in self._by_value.items() if not b.copies[v]]
 
-    def lru_victims(self, num_tokens: int) -> list[Hashable]:
+    def lru_victims(self, num_tokens: Any) -> list[Hashable]:
         """What this model evicts for ``evict_lru(num_tokens)``, in eviction order."""
         self._check_count(num_tokens, "num_tokens")
         children_left = {id(b): len(b.children) for b in self._by_value.values()}
@@ -226,8 +238,8 @@ class ReferenceCache:
             raise ValueError(f"block_values {taken[:3]} are already cached under another prefix")
 
         self._touch(path, existing)
-        for block, value in copies:
-            self._cache_copy(block, value)
+        for copied, value in copies:
+            self._cache_copy(copied, value)
         parent = path[-1] if path else None
         children = self._children(parent)
         for block_tokens, value in zip(blocks[existing:], values[existing:]):
@@ -263,9 +275,10 @@ class ReferenceCache:
         del self._by_value[value]
         if self.changes is not None:
             self.changes.append(("-", block, value))
-        while block is not None and not block.copies and not block.children:
-            self._children(block.parent).pop(block.tokens)
-            block = block.parent
+        empty: Block | None = block
+        while empty is not None and not empty.copies and not empty.children:
+            self._children(empty.parent).pop(empty.tokens)
+            empty = empty.parent
 
     def acquire(self, values: Iterable[Hashable]) -> None:
         """Pin blocks against eviction (a running request holding its prefix)."""
@@ -300,7 +313,7 @@ class ReferenceCache:
 
     # ----------------------------------------------------------------- LRU caches
 
-    def evict_lru(self, num_tokens: int) -> list[Hashable]:
+    def evict_lru(self, num_tokens: Any) -> list[Hashable]:
         """Evict least-recently-used unpinned leaves until ``num_tokens`` tokens are freed."""
         victims = self.lru_victims(num_tokens)
         for value in victims:
@@ -308,7 +321,7 @@ class ReferenceCache:
                 self._remove([self._by_value[value]])
         return victims
 
-    def apply_lru_eviction(self, freed: Sequence[Hashable], num_tokens: int) -> list[str]:
+    def apply_lru_eviction(self, freed: Sequence[Hashable], num_tokens: Any) -> list[str]:
         """Accept an LRU cache's own eviction choice if it is legal, then apply it.
 
         Legal means: only cached, unpinned blocks, whole subtrees (a block never outlives its
@@ -367,7 +380,8 @@ class ReferenceCache:
     def assert_invariants(self) -> None:
         """Check the trie's own consistency; raises ``AssertionError`` naming what broke."""
         seen: dict[int, Block] = {}
-        stack = [(None, key, b) for key, b in self._root_children.items()]
+        stack: list[tuple[Block | None, tuple[int, ...], Block]] = [
+            (None, key, b) for key, b in self._root_children.items()]
         bs, clock, by_value = self.block_size, self.clock, self._by_value
 
         def name(block):  # only when an assertion fails: it costs more than the checks
@@ -414,7 +428,7 @@ class ReferenceCache:
                 raise ValueError(f"{name}[{i}] must be >= 0, got {t}")
 
     @staticmethod
-    def _check_count(n: int, name: str) -> None:
+    def _check_count(n: Any, name: str) -> None:
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"{name} must be an int, got {type(n).__name__}")
         if n < 0:
