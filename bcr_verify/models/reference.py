@@ -233,7 +233,7 @@ class ReferenceCache:
             raise
         if len(distinct) != len(new_values):
             raise ValueError("block_values repeats a value: each cached block needs its own")
-        if not distinct.isdisjoint(self._by_value):
+        if not self._by_value.keys().isdisjoint(distinct):  # walks the smaller of the two
             taken = [v for v in new_values if v in self._by_value]
             raise ValueError(f"block_values {taken[:3]} are already cached under another prefix")
 
