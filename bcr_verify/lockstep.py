@@ -40,6 +40,10 @@ from bcr_verify.models.free_queue import FreeQueue
 from bcr_verify.models.reference import RELAXATIONS, ReferenceCache
 
 
+CUTS_KEPT = 256
+"""Prompts whose cut into blocks is remembered (see :meth:`Lockstep._cut`)."""
+
+
 class BudgetSpent(BaseException):
     """The step budget is used up: ends a run where it stands (a BaseException, so that
     Hypothesis stops at once rather than treating it as a failure to shrink)."""
@@ -240,6 +244,7 @@ class Lockstep:
         """Running requests: rid -> (prompt, its blocks as the models cut it, what each lane
         holds)."""
         self.next_rid = 0
+        self._cuts: dict[tuple[int, ...], list] = {}
         self.steps: list[dict] = []
         self.forgotten = 0
         """Steps dropped from the record by :meth:`forget_steps` (still counted as executed)."""
@@ -276,7 +281,7 @@ class Lockstep:
         """
         tokens = list(tokens)
         def run():
-            blocks = self.lanes[0].shadow.split(tokens)
+            blocks = self._cut(tokens)
             lengths = {}
             for lane in self.lanes:
                 got = self._match(lane, tokens, blocks)
@@ -408,6 +413,18 @@ class Lockstep:
                 raise lane.diverge("free count", f"the cache counts {free} free pages, the "
                                    f"model's free queue holds {len(lane.queue)}")
 
+    def _cut(self, tokens: list[int]) -> list:
+        """``tokens`` validated and cut into blocks by the models' :meth:`ReferenceCache.split`,
+        once per prompt for the last :data:`CUTS_KEPT` prompts: workloads repeat prompts, and
+        validating a long one costs more than a model's lookup of it."""
+        key = tuple(tokens)
+        blocks = self._cuts.get(key)
+        if blocks is None:
+            if len(self._cuts) >= CUTS_KEPT:
+                self._cuts.clear()
+            blocks = self._cuts[key] = self.lanes[0].shadow.split(tokens)
+        return blocks
+
     def _match(self, lane: Lane, tokens: list[int], blocks: list):
         """One lane's lookup of ``tokens`` (cut into ``blocks`` by :meth:`ReferenceCache.split`)
         against its model."""
@@ -433,7 +450,7 @@ class Lockstep:
 
     def _begin(self, tokens: list[int]) -> int | None:
         held: dict[str, Held] = {}
-        blocks = self.lanes[0].shadow.split(tokens)
+        blocks = self._cut(tokens)
         for lane in self.lanes:
             admitted = self._admit(lane, tokens, blocks)
             if admitted is not None:
