@@ -90,7 +90,7 @@ def supervised(work: Callable[[], int], on_death: Callable[[Death], int],
                op_timeout: float | None) -> int:
     """Run ``work()`` in a forked child; its exit code, or ``on_death(death)``'s."""
     workdir = Path(tempfile.mkdtemp(prefix="bcr-verify-"))
-    journal_path = workdir / "journal.jsonl"
+    journal_path = workdir / "journal"
     BEACON.share()
     for slot in range(len(BEACON.slots)):
         BEACON.slots[slot] = 0
