@@ -1,10 +1,10 @@
 """Compiles the reference model with mypyc where mypy is importable at build time.
 
-The model is the harness's own largest cost in a soak (it judges every lane's every call),
-and compiled it runs about twice as fast. It stays a plain Python module: without mypy or a
-C compiler the package installs as pure Python and behaves the same, only slower
-(``bcr_verify.models`` says which one runs, and falls back to the source when it is newer
-than its build). Everything else is declared in ``pyproject.toml``.
+The model is the harness's own largest cost in a soak (it judges every lane's every call);
+compiled, a soak's harness overhead fell by about a sixth (docs/benchmarks.md §4.1). It stays
+a plain Python module: without mypy or a C compiler the package installs as pure Python and
+behaves the same, only slower (``bcr_verify.models`` says which one runs, and falls back to
+the source when it is newer than its build). Everything else is in ``pyproject.toml``.
 """
 
 from setuptools import setup

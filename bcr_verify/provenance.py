@@ -17,8 +17,8 @@ def _version(dist: str) -> str:
 
 def provenance(implementations: list[str], **request) -> dict:
     """bcr_verify, Python, Hypothesis and each implementation's version, whether the model
-    judging them ran compiled, the command line,
-    what was asked for (``request``: budget, seed, ...) and when."""
+    judging them ran compiled, the command line, what was asked for (``request``: budget,
+    seed, ...) and when."""
     from bcr_verify.adapters.registry import resolve
     from bcr_verify.models import COMPILED
 

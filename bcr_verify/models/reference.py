@@ -18,7 +18,7 @@ a dict from value to node; no path compression, no cleverness. Every public meth
 all of its input before changing anything, so a refused call leaves the model unchanged.
 
 Where the package is built with mypy at hand, ``setup.py`` also compiles this module with
-mypyc: the same code, about twice as fast, which matters because every lane's every call is
+mypyc: the same code, somewhat faster, which matters because every lane's every call is
 judged here. Compiled code enforces annotations, so an input the model validates itself is
 annotated ``Any``: a bool or a str then gets the model's own error, compiled or not.
 """
