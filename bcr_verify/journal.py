@@ -32,7 +32,8 @@ _PROMPT_STEP = struct.Struct("<I")
 _INT = struct.Struct("<q")
 _END = bytes(_HEAD.size)
 
-ORIGIN, PROMPT, PROMPT_JSON, STEP_PROMPT, STEP_INT, STEP_JSON = b"OPpTIJ"
+ORIGIN, PROMPT, PROMPT_JSON, STEP_PROMPT, STEP_INT, STEP_JSON = (
+    bytes([kind]) for kind in b"OPpTIJ")
 """Record kinds: the origin (JSON); a prompt (number, then 64-bit ints, or JSON past 64
 bits); a step on a named prompt (number, then op); a step with one int argument or none
 (op, name, value); any other step (JSON)."""
@@ -82,16 +83,16 @@ class Journal:
         self._prompts.clear()
         self._end = 0
         self._map[:_HEAD.size] = _END
-        self._write(_record(bytes([ORIGIN]), _DUMPS(origin).encode()))
+        self._write(_record(ORIGIN, _DUMPS(origin).encode()))
 
     def step(self, op: str, args: dict) -> None:
         tokens = args.get("tokens")
         if tokens is None:
             name, value = next(iter(args.items()), ("", 0))
             if len(args) > 1 or type(value) is not int or not -2**63 <= value < 2**63:
-                self._write(_record(bytes([STEP_JSON]), _DUMPS({"op": op, "args": args}).encode()))
+                self._write(_record(STEP_JSON, _DUMPS({"op": op, "args": args}).encode()))
                 return
-            self._write(_record(bytes([STEP_INT]), f"{op} {name} ".encode() + _INT.pack(value)))
+            self._write(_record(STEP_INT, f"{op} {name} ".encode() + _INT.pack(value)))
             return
         key = tuple(tokens)
         number = self._prompts.get(key)
@@ -101,7 +102,7 @@ class Journal:
                 self._prompts.clear()
             number = self._prompts[key] = len(self._prompts)
             prompt = _prompt(number, tokens)
-        self._write(prompt + _record(bytes([STEP_PROMPT]), _PROMPT_STEP.pack(number) + op.encode()))
+        self._write(prompt + _record(STEP_PROMPT, _PROMPT_STEP.pack(number) + op.encode()))
 
     def close(self) -> None:
         self._map.close()
@@ -110,9 +111,9 @@ class Journal:
 
 def _prompt(number: int, tokens: list[int]) -> bytes:
     try:
-        return _record(bytes([PROMPT]), _PROMPT_STEP.pack(number) + array("q", tokens).tobytes())
+        return _record(PROMPT, _PROMPT_STEP.pack(number) + array("q", tokens).tobytes())
     except OverflowError:
-        return _record(bytes([PROMPT_JSON]), _PROMPT_STEP.pack(number) + _DUMPS(tokens).encode())
+        return _record(PROMPT_JSON, _PROMPT_STEP.pack(number) + _DUMPS(tokens).encode())
 
 
 def read(path: str | os.PathLike) -> tuple[dict | None, list[dict]]:
@@ -127,17 +128,17 @@ def read(path: str | os.PathLike) -> tuple[dict | None, list[dict]]:
     while at + _HEAD.size <= len(data):
         kind, length = _HEAD.unpack_from(data, at)
         body = data[at + _HEAD.size:at + _HEAD.size + length]
-        if kind == _END[:1] or len(body) < length:
+        if kind == _END[:1] or len(body) < length:  # the end, or a torn record
             break
         at += _HEAD.size + length
         try:
-            origin, steps, prompts = _apply(kind[0], body, origin, steps, prompts)
+            origin, steps, prompts = _apply(kind, body, origin, steps, prompts)
         except (ValueError, KeyError, struct.error):  # damaged: what came before stands
             break
     return origin, steps
 
 
-def _apply(kind: int, body: bytes, origin, steps: list, prompts: dict):
+def _apply(kind: bytes, body: bytes, origin, steps: list, prompts: dict):
     """One record read: the origin, steps and prompts after it (ValueError: not a record)."""
     if kind == ORIGIN:
         return json.loads(body), [], {}
