@@ -57,7 +57,11 @@ class Journal:
         self._map: mmap.mmap | None = None
         self._end = 0
         self._map_size(MAPPED)
-        self._prompts: dict[tuple[int, ...], int] = {}
+        self._prompts: dict[int | tuple[int, ...], int] = {}
+        self._encoded: dict[int | tuple[int, ...], bytes] = {}
+        """Prompts' records without their number, kept across fresh starts: a soak flushes
+        every few dozen steps and its prompts repeat."""
+        self._int_heads: dict[tuple[str, str], bytes] = {}
 
     def _map_size(self, size: int) -> None:
         try:  # blocks reserved now: a full disk fails here, not as SIGBUS at a later store
@@ -85,23 +89,38 @@ class Journal:
         self._map[:_HEAD.size] = _END
         self._write(_record(ORIGIN, _DUMPS(origin).encode()))
 
-    def step(self, op: str, args: dict) -> None:
+    def step(self, op: str, args: dict, prompt: int | None = None) -> None:
+        """Write one step. ``prompt``: a number the caller gives ``args["tokens"]``, the same
+        for equal prompts and never given to another one in this process, so that the
+        journal knows a prompt again without hashing its tokens; by default the tokens are
+        their own name."""
         tokens = args.get("tokens")
         if tokens is None:
             name, value = next(iter(args.items()), ("", 0))
             if len(args) > 1 or type(value) is not int or not -2**63 <= value < 2**63:
                 self._write(_record(STEP_JSON, _DUMPS({"op": op, "args": args}).encode()))
                 return
-            self._write(_record(STEP_INT, f"{op} {name} ".encode() + _INT.pack(value)))
+            head = self._int_heads.get((op, name))
+            if head is None:
+                body = f"{op} {name} ".encode()
+                head = self._int_heads[op, name] = _HEAD.pack(STEP_INT, len(body) + _INT.size) \
+                    + body
+            self._write(head + _INT.pack(value))
             return
-        key = tuple(tokens)
+        key = tuple(tokens) if prompt is None else prompt
         number = self._prompts.get(key)
         prompt = b""
         if number is None:
             if len(self._prompts) >= PROMPTS_KEPT:
                 self._prompts.clear()
             number = self._prompts[key] = len(self._prompts)
-            prompt = _prompt(number, tokens)
+            encoded = self._encoded.get(key)
+            if encoded is None:
+                if len(self._encoded) >= PROMPTS_KEPT:
+                    self._encoded.clear()
+                encoded = self._encoded[key] = _encode(tokens)
+            prompt = _HEAD.pack(encoded[:1], len(encoded) - 1 + _PROMPT_STEP.size) \
+                + _PROMPT_STEP.pack(number) + encoded[1:]
         self._write(prompt + _record(STEP_PROMPT, _PROMPT_STEP.pack(number) + op.encode()))
 
     def close(self) -> None:
@@ -109,11 +128,12 @@ class Journal:
         os.close(self._fd)
 
 
-def _prompt(number: int, tokens: list[int]) -> bytes:
+def _encode(tokens: list[int]) -> bytes:
+    """A prompt's kind, then its body after the number."""
     try:
-        return _record(PROMPT, _PROMPT_STEP.pack(number) + array("q", tokens).tobytes())
+        return PROMPT + array("q", tokens).tobytes()
     except OverflowError:
-        return _record(PROMPT_JSON, _PROMPT_STEP.pack(number) + _DUMPS(tokens).encode())
+        return PROMPT_JSON + _DUMPS(tokens).encode()
 
 
 def read(path: str | os.PathLike) -> tuple[dict | None, list[dict]]:

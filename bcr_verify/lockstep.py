@@ -25,6 +25,7 @@ its trace behind.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from bcr_verify.models.reference import RELAXATIONS, ReferenceCache
 
 CUTS_KEPT = 256
 """Prompts whose cut into blocks is remembered (see :meth:`Lockstep._cut`)."""
+PROMPT_NUMBERS = itertools.count()
+"""Numbers for distinct prompts, never reused in a process (see :meth:`Lockstep._cut`)."""
 
 
 class BudgetSpent(BaseException):
@@ -244,7 +247,7 @@ class Lockstep:
         """Running requests: rid -> (prompt, its blocks as the models cut it, what each lane
         holds)."""
         self.next_rid = 0
-        self._cuts: dict[tuple[int, ...], list] = {}
+        self._cuts: dict[tuple[int, ...], tuple[list, int]] = {}
         self.steps: list[dict] = []
         self.forgotten = 0
         """Steps dropped from the record by :meth:`forget_steps` (still counted as executed)."""
@@ -262,7 +265,9 @@ class Lockstep:
     def begin(self, tokens: Sequence[int]) -> int | None:
         """A request arrives: returns its id, or None if some lane could not make room."""
         tokens = list(tokens)
-        return self._step("begin", {"tokens": tokens}, lambda: self._begin(tokens))
+        blocks, prompt = self._cut(tokens)
+        return self._step("begin", {"tokens": tokens}, lambda: self._begin(tokens, blocks),
+                          prompt)
 
     def finish(self, rid: int) -> None:
         """The request completes: its prompt is inserted and its prefix unlocked."""
@@ -280,8 +285,8 @@ class Lockstep:
         flush, no request running, and the matched length cut to the largest hit cap.
         """
         tokens = list(tokens)
+        blocks, prompt = self._cut(tokens)
         def run():
-            blocks = self._cut(tokens)
             lengths = {}
             for lane in self.lanes:
                 got = self._match(lane, tokens, blocks)
@@ -289,7 +294,7 @@ class Lockstep:
                 for observer in self.observers:
                     observer.on_match(lane.name, tokens, list(got.pages))
             self._compare(tokens, lengths)
-        self._step("match", {"tokens": tokens}, run)
+        self._step("match", {"tokens": tokens}, run, prompt)
 
     def evict(self, num_tokens: int) -> None:
         """Free at least ``num_tokens`` tokens: LRU caches choose, explicit caches are told."""
@@ -360,14 +365,16 @@ class Lockstep:
 
     # ----------------------------------------------------------------- internals
 
-    def _step(self, op: str, args: dict, run) -> Any:
+    def _step(self, op: str, args: dict, run, prompt: int | None = None) -> Any:
+        """Record, journal and run one step; ``prompt``: its prompt's number from
+        :meth:`_cut`, if it has one."""
         if self.budget is not None:
             self.budget.take()
         index = len(self.steps)
         self.steps.append({"op": op, "args": args})
         BEACON.slots[STEP] = index
         if self.journal:
-            self.journal.step(op, args)
+            self.journal.step(op, args, prompt)
         try:
             result = run()
             for observer in self.observers:
@@ -413,17 +420,21 @@ class Lockstep:
                 raise lane.diverge("free count", f"the cache counts {free} free pages, the "
                                    f"model's free queue holds {len(lane.queue)}")
 
-    def _cut(self, tokens: list[int]) -> list:
-        """``tokens`` validated and cut into blocks by the models' :meth:`ReferenceCache.split`,
-        once per prompt for the last :data:`CUTS_KEPT` prompts: workloads repeat prompts, and
-        validating a long one costs more than a model's lookup of it."""
+    def _cut(self, tokens: list[int]) -> tuple[list, int]:
+        """``tokens`` validated and cut into blocks by the models'
+        :meth:`ReferenceCache.split`, and a number for this prompt that no other prompt is
+        given in this process (the journal's name for it: a tuple of a long prompt's ints
+        costs microseconds each time it is hashed).
+
+        Kept for the last :data:`CUTS_KEPT` prompts: workloads repeat prompts, and validating
+        a long one costs more than a model's lookup of it."""
         key = tuple(tokens)
-        blocks = self._cuts.get(key)
-        if blocks is None:
+        cut = self._cuts.get(key)
+        if cut is None:
             if len(self._cuts) >= CUTS_KEPT:
                 self._cuts.clear()
-            blocks = self._cuts[key] = self.lanes[0].shadow.split(tokens)
-        return blocks
+            cut = self._cuts[key] = (self.lanes[0].shadow.split(tokens), next(PROMPT_NUMBERS))
+        return cut
 
     def _match(self, lane: Lane, tokens: list[int], blocks: list):
         """One lane's lookup of ``tokens`` (cut into ``blocks`` by :meth:`ReferenceCache.split`)
@@ -448,9 +459,8 @@ class Lockstep:
         lane.stats.hit_tokens += want_len
         return got
 
-    def _begin(self, tokens: list[int]) -> int | None:
+    def _begin(self, tokens: list[int], blocks: list) -> int | None:
         held: dict[str, Held] = {}
-        blocks = self._cut(tokens)
         for lane in self.lanes:
             admitted = self._admit(lane, tokens, blocks)
             if admitted is not None:

@@ -21,7 +21,7 @@ def test_steps_come_back_as_written_with_prompts_named_once(tmp_path):
     log.close()
     assert journal.read(path) == (origin, steps)
     data = path.read_bytes()
-    first = journal._prompt(0, [0, 1, 2])[journal._HEAD.size + 4:]
+    first = journal._encode([0, 1, 2])[1:]
     assert data.count(first) == 2  # once, then again only after the memo was cut
     assert b"[1180591620717411303424,1]" in data  # past 64 bits: a JSON list
 
@@ -32,15 +32,18 @@ def test_a_fresh_start_hides_what_came_before_and_the_journal_grows(tmp_path):
     log.fresh({"implementations": ["reference"]})
     for rid in range(50):
         log.step("finish", {"rid": rid})
+    log.step("match", {"tokens": [7, 8, 9]})
     log.fresh({"implementations": ["again"]})
     log.step("evict", {"num_tokens": 3})
+    log.step("begin", {"tokens": [7, 8, 9]}, prompt=12)  # written again after the start
     assert journal.read(path) == ({"implementations": ["again"]},
-                                  [{"op": "evict", "args": {"num_tokens": 3}}])
+                                  [{"op": "evict", "args": {"num_tokens": 3}},
+                                   {"op": "begin", "args": {"tokens": [7, 8, 9]}}])
     long = [list(range(i, i + 5000)) for i in range(40)]  # 1.6 MB of prompts: past the map
     for tokens in long:
         log.step("match", {"tokens": tokens})
     assert path.stat().st_size > journal.MAPPED
-    assert journal.read(path)[1][1:] == [{"op": "match", "args": {"tokens": t}} for t in long]
+    assert journal.read(path)[1][2:] == [{"op": "match", "args": {"tokens": t}} for t in long]
     log.close()
 
 
