@@ -18,8 +18,10 @@ Each call's time is also added up per method (:class:`CallTimes`, ``adapter.call
 the guard reads the clock on entry anyway, so the soak's harness-overhead ratio costs one more
 clock read per call rather than a second wrapper.
 
-The cost on a well-behaved call is a few hundred nanoseconds: stores into the beacon, two
-clock reads and a ``try``.
+The cost on a well-behaved call is a few hundred nanoseconds: three stores into the beacon,
+two clock reads and a ``try``. The wrapper takes positional arguments only: a ``**kwargs``
+costs every call a dict (callers pass adapter arguments by position, as the protocol
+declares them).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ METHODS = ("match", "lock", "admit", "unlock", "insert", "evict_tokens", "evict_
            "free", "available_pages", "sizes", "take_events", "check_invariants", "reset")
 """The adapter calls the engine makes; their index is what the beacon stores."""
 
-LANE, METHOD, STEP, ENTERED, DONE = range(5)
+CALL, STEP, ENTERED, DONE = range(4)
+"""Beacon slots. ``CALL``: the call in progress, as lane index × ``len(METHODS)`` + method
+index (one store per call)."""
 _SLOTS = 8
 _HANG_SIGNAL = signal.SIGUSR2
 """Which Python-level handler the watchdog trips; no OS signal is sent (interrupt_main)."""
@@ -67,13 +71,18 @@ class Beacon:
         self._buffer = mmap.mmap(-1, 8 * _SLOTS)
         self.slots = memoryview(self._buffer).cast("q")
 
+    def lane_index(self) -> int:
+        return self.slots[CALL] // len(METHODS)
+
+    def method_index(self) -> int:
+        return self.slots[CALL] % len(METHODS)
+
     def lane_name(self) -> str:
-        index = self.slots[LANE]
+        index = self.lane_index()
         return self.lanes[index] if 0 <= index < len(self.lanes) else "?"
 
     def method_name(self) -> str:
-        index = self.slots[METHOD]
-        return METHODS[index] if 0 <= index < len(METHODS) else "?"
+        return METHODS[self.method_index()]
 
     def where(self) -> str:
         return f"{self.lane_name()}.{self.method_name()}()"
@@ -155,34 +164,40 @@ class CallTimes:
 def guard(adapter, lane_index: int) -> None:
     """Wrap ``adapter``'s methods in place so each call reports as described above, and time
     them into ``adapter.call_times``."""
-    slots = BEACON.slots
-    clock = time.monotonic_ns
-    times = adapter.call_times = CallTimes()
-    spent, calls = times.ns, times.calls
+    adapter.call_times = CallTimes()
     for code, name in enumerate(METHODS):
         original = getattr(adapter, name, None)
         if original is None:
             continue
+        setattr(adapter, name, _guarded(adapter, original, name, code,
+                                        lane_index * len(METHODS) + code))
 
-        def call(*args, _original=original, _code=code, _name=name, **kwargs):
-            slots[LANE] = lane_index
-            slots[METHOD] = _code
-            slots[ENTERED] = entered = clock()
-            try:
-                return _original(*args, **kwargs)
-            except VerificationFailure:
-                raise
-            except AssertionError as exc:
-                if _name == "check_invariants":
-                    raise InvariantViolation(adapter.name, "assertion", _describe(exc)) from exc
-                raise raised(adapter.name, _name, exc) from exc
-            except Exception as exc:
-                raise raised(adapter.name, _name, exc) from exc
-            finally:
-                slots[ENTERED] = 0
-                spent[_code] += clock() - entered
-                calls[_code] += 1
-        setattr(adapter, name, call)
+
+def _guarded(adapter, original, name: str, code: int, where: int):
+    """``original`` (``adapter``'s method ``name``, number ``code``) as :func:`guard` wraps it;
+    ``where``: the beacon's ``CALL`` while it runs."""
+    slots = BEACON.slots
+    clock = time.monotonic_ns
+    spent, calls = adapter.call_times.ns, adapter.call_times.calls
+
+    def call(*args):
+        slots[CALL] = where
+        slots[ENTERED] = entered = clock()
+        try:
+            return original(*args)
+        except VerificationFailure:
+            raise
+        except AssertionError as exc:
+            if name == "check_invariants":
+                raise InvariantViolation(adapter.name, "assertion", _describe(exc)) from exc
+            raise raised(adapter.name, name, exc) from exc
+        except Exception as exc:
+            raise raised(adapter.name, name, exc) from exc
+        finally:
+            slots[ENTERED] = 0
+            spent[code] += clock() - entered
+            calls[code] += 1
+    return call
 
 
 def raised(impl: str, method: str, exc: BaseException) -> ImplementationRaised:

@@ -584,7 +584,7 @@ class Lockstep:
                 self._release(lane, h)
                 continue
             pages = h.matched + h.new
-            got = lane.adapter.insert(tokens, pages, owned_from=len(h.matched))
+            got = lane.adapter.insert(tokens, pages, len(h.matched))
             want_prefix = lane.shadow.insert_blocks(blocks, pages)
             want_freed = pages[len(h.matched): want_prefix // self.block_size]
             if got.prefix_len != want_prefix:

@@ -38,7 +38,7 @@ from typing import Callable
 
 from bcr_verify import journal
 from bcr_verify.cli import EXIT_INTERNAL, EXIT_INTERRUPTED
-from bcr_verify.guard import BEACON, DONE, ENTERED, LANE, METHOD, METHODS
+from bcr_verify.guard import BEACON, DONE, ENTERED
 
 INTERRUPT_GRACE_S = 30.0
 """How long an interrupted child may take to write its report and trace."""
@@ -190,7 +190,7 @@ def _watch(child: int, on_death: Callable[[Death], int], op_timeout: float | Non
         return done - 1
     origin, steps = journal.read(journal_path)
     names = list((origin or {}).get("implementations", []))
-    lane = BEACON.slots[LANE]
+    lane = BEACON.lane_index()
     in_call = bool(BEACON.slots[ENTERED])
     if hung:
         kind, how = "implementation hung", state["killed"]
@@ -200,7 +200,7 @@ def _watch(child: int, on_death: Callable[[Death], int], op_timeout: float | Non
         kind, how = "implementation crashed", _how(status)
     return on_death(Death(
         how=how, kind=kind, impl=names[lane] if in_call and lane < len(names) else "unknown",
-        method=METHODS[BEACON.slots[METHOD]] if in_call else None,
+        method=BEACON.method_name() if in_call else None,
         step=len(steps) - 1 if steps else None, origin=origin, steps=steps))
 
 
