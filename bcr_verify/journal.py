@@ -58,9 +58,9 @@ class Journal:
         self._end = 0
         self._map_size(MAPPED)
         self._prompts: dict[int | tuple[int, ...], int] = {}
-        self._encoded: dict[int | tuple[int, ...], bytes] = {}
-        """Prompts' records without their number, kept across fresh starts: a soak flushes
-        every few dozen steps and its prompts repeat."""
+        self._encoded: dict[int | tuple[int, ...], tuple[bytes, bytes]] = {}
+        """Prompts' record kinds and bodies without their number, kept across fresh starts: a
+        soak flushes every few dozen steps and its prompts repeat."""
         self._int_heads: dict[tuple[str, str], bytes] = {}
 
     def _map_size(self, size: int) -> None:
@@ -109,7 +109,7 @@ class Journal:
             return
         key = tuple(tokens) if prompt is None else prompt
         number = self._prompts.get(key)
-        prompt = b""
+        record = b""
         if number is None:
             if len(self._prompts) >= PROMPTS_KEPT:
                 self._prompts.clear()
@@ -119,21 +119,21 @@ class Journal:
                 if len(self._encoded) >= PROMPTS_KEPT:
                     self._encoded.clear()
                 encoded = self._encoded[key] = _encode(tokens)
-            prompt = _HEAD.pack(encoded[:1], len(encoded) - 1 + _PROMPT_STEP.size) \
-                + _PROMPT_STEP.pack(number) + encoded[1:]
-        self._write(prompt + _record(STEP_PROMPT, _PROMPT_STEP.pack(number) + op.encode()))
+            kind, body = encoded
+            record = _record(kind, _PROMPT_STEP.pack(number) + body)
+        self._write(record + _record(STEP_PROMPT, _PROMPT_STEP.pack(number) + op.encode()))
 
     def close(self) -> None:
         self._map.close()
         os.close(self._fd)
 
 
-def _encode(tokens: list[int]) -> bytes:
-    """A prompt's kind, then its body after the number."""
+def _encode(tokens: list[int]) -> tuple[bytes, bytes]:
+    """A prompt's record kind, and its body after the number."""
     try:
-        return PROMPT + array("q", tokens).tobytes()
+        return PROMPT, array("q", tokens).tobytes()
     except OverflowError:
-        return PROMPT_JSON + _DUMPS(tokens).encode()
+        return PROMPT_JSON, _DUMPS(tokens).encode()
 
 
 def read(path: str | os.PathLike) -> tuple[dict | None, list[dict]]:

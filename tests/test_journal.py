@@ -21,7 +21,7 @@ def test_steps_come_back_as_written_with_prompts_named_once(tmp_path):
     log.close()
     assert journal.read(path) == (origin, steps)
     data = path.read_bytes()
-    first = journal._encode([0, 1, 2])[1:]
+    first = journal._encode([0, 1, 2])[1]
     assert data.count(first) == 2  # once, then again only after the memo was cut
     assert b"[1180591620717411303424,1]" in data  # past 64 bits: a JSON list
 
