@@ -160,9 +160,9 @@ class ReferenceCache:
     def lru_victims(self, num_tokens: Any) -> list[Hashable]:
         """What this model evicts for ``evict_lru(num_tokens)``, in eviction order."""
         self._check_count(num_tokens, "num_tokens")
-        children_left = {id(b): len(b.children) for b in self._by_value.values()}
-        leaves = list({id(b): b for b in self._by_value.values()
-                       if not b.children and b.refs == 0}.values())
+        children_left = {b: len(b.children) for b in self._by_value.values()}  # by identity
+        leaves = list(dict.fromkeys(b for b in self._by_value.values()
+                                    if not b.children and b.refs == 0))
         victims: list[Hashable] = []
         while leaves and len(victims) * self.block_size < num_tokens:
             leaf = min(leaves, key=lambda b: (b.used, repr(b.value)))
@@ -170,8 +170,8 @@ class ReferenceCache:
             victims.append(leaf.value)
             parent = leaf.parent
             if parent is not None:
-                children_left[id(parent)] -= 1
-                if children_left[id(parent)] == 0 and parent.refs == 0:
+                children_left[parent] -= 1
+                if children_left[parent] == 0 and parent.refs == 0:
                     leaves.append(parent)
         return victims
 
