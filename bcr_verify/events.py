@@ -67,7 +67,10 @@ class Probe(NamedTuple):
     """A recent prompt every consumer is asked about."""
 
     tokens: list[int]
+    keys: list
+    """The prompt cut as the models file it (:meth:`ReferenceCache.split`)."""
     blocks: list[tuple[int, ...]]
+    """The prompt cut as the event indexes file it: tuples of tokens."""
     dynamo_hashes: list[int] | None
 
 
@@ -134,7 +137,9 @@ class EventsOracle(Observer):
         if self.dynamo:
             from bcr_verify.dynamo_index import block_hashes
             hashes = block_hashes(tokens, lane.block_size)
-        return Probe(tokens, lane.shadow.split(tokens), hashes)
+        bs = lane.block_size
+        blocks = [tuple(tokens[i:i + bs]) for i in range(0, len(tokens) // bs * bs, bs)]
+        return Probe(tokens, lane.shadow.split(tokens), blocks, hashes)
 
     def report(self) -> dict:
         return {"events": {
@@ -254,8 +259,8 @@ class EventsOracle(Observer):
 
     def _ask(self, s: LaneEvents, probes: list[Probe]) -> None:
         shadow = s.lane.shadow
-        for tokens, blocks, hashes in probes:
-            want = shadow.cached_in(blocks)
+        for tokens, keys, blocks, hashes in probes:
+            want = shadow.cached_in(keys)
             got = s.counting.held_of(blocks)
             s.stats["index_checks"] += 1
             if got != want:

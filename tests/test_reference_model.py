@@ -9,9 +9,9 @@ from bcr_verify.models import BCRCache, ReferenceCache
 def snapshot(cache):
     """Everything observable about the model's state, as plain data."""
     def walk(children, prefix):
-        for tokens, b in sorted(children.items()):
-            yield prefix + tokens, b.value, b.refs, b.used, b.maybe_used
-            yield from walk(b.children, prefix + tokens)
+        for b in sorted(children.values(), key=lambda b: b.tokens):
+            yield prefix + b.tokens, b.value, b.refs, b.used, b.maybe_used
+            yield from walk(b.children, prefix + b.tokens)
     return cache.clock, sorted(walk(cache._root_children, ())), sorted(cache._by_value)
 
 
@@ -109,7 +109,11 @@ def test_unmatched_rest_of_a_radix_node_may_count_as_touched():
     c.apply_lru_eviction([9], 1)     # so evicting [9] before [3] is legal LRU
 
 
-@given(st.lists(st.lists(st.integers(0, 3), max_size=8), max_size=12), st.integers(1, 3))
+TOKENS = st.sampled_from([0, 1, 2, 3, 2**64 - 1, 2**64, 2**70])
+"""A few small tokens, and the largest ones a block's bytes key holds or does not hold."""
+
+
+@given(st.lists(st.lists(TOKENS, max_size=8), max_size=12), st.integers(1, 3))
 def test_match_after_insert_returns_the_inserted_values(prompts, block_size):
     c = ReferenceCache(block_size)
     fresh = iter(range(10**6))
@@ -120,3 +124,14 @@ def test_match_after_insert_returns_the_inserted_values(prompts, block_size):
         c.insert(tokens, values)
         assert c.match_prefix(tokens) == (n * block_size, values)
         c.assert_invariants()
+
+
+def test_blocks_keep_their_tokens_whatever_their_key():
+    c = ReferenceCache(2)
+    c.insert([1, 2, 2**64, 3, 4, 5], ["a", "b", "c"])
+    blocks = sorted(c._by_value.items())
+    assert [(v, b.tokens) for v, b in blocks] == [("a", (1, 2)), ("b", (2**64, 3)), ("c", (4, 5))]
+    assert [type(b.key) for _, b in blocks] == [bytes, tuple, bytes]
+    assert c.match_prefix([1, 2, 2**64, 3, 4, 5, 6]) == (6, ["a", "b", "c"])
+    assert c.match_prefix([1, 2, 2**64, 4]) == (2, ["a"])
+    c.assert_invariants()

@@ -25,7 +25,8 @@ annotated ``Any``: a bool or a str then gets the model's own error, compiled or 
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Iterable, Sequence
+from array import array
+from typing import Any, Hashable, Iterable, Sequence, Union
 
 try:
     from mypy_extensions import mypyc_attr
@@ -34,8 +35,23 @@ except ImportError:  # only compiling this module (setup.py) needs it
         return lambda cls: cls
 
 
+BlockKey = Union[bytes, tuple]
+"""A block's tokens as the trie files them: their 8-byte unsigned encoding, or, for a block
+holding a token of 2**64 or more, the tuple of ints itself. Bytes cache their hash, and a
+lookup hashes a key at every level of every walk: a tuple of 16 ints costs ~130 ns each time.
+Which form a block takes depends only on its own tokens, so equal blocks always get equal
+keys."""
+
+_TOKEN_LIMIT = 2 ** 64
+
+
+def _key(tokens: list[int]) -> BlockKey:
+    return array("Q", tokens).tobytes() if max(tokens) < _TOKEN_LIMIT else tuple(tokens)
+
+
 class Block:
-    """One cached block: ``block_size`` tokens below ``parent``, held in one page or more.
+    """One cached block: ``block_size`` tokens below ``parent``, filed under their ``key``
+    (:data:`BlockKey`), held in one page or more.
 
     ``copies`` maps each physical copy's value to its reference count, oldest copy first;
     it is empty for a hollow block (see the module docstring).
@@ -49,15 +65,21 @@ class Block:
     the model builds one for every block it caches.
     """
 
-    __slots__ = ("tokens", "copies", "parent", "children", "used", "maybe_used")
+    __slots__ = ("key", "copies", "parent", "children", "used", "maybe_used")
 
-    def __init__(self, tokens: tuple[int, ...], parent: Block | None, clock: int):
-        self.tokens = tokens
+    def __init__(self, key: BlockKey, parent: Block | None, clock: int):
+        self.key = key
         self.copies: dict[Hashable, int] = {}
         self.parent = parent
-        self.children: dict[tuple[int, ...], Block] = {}
+        self.children: dict[BlockKey, Block] = {}
         self.used = clock
         self.maybe_used = clock
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """The block's tokens, decoded from its key (for messages and event checks)."""
+        key = self.key
+        return tuple(array("Q", key)) if isinstance(key, bytes) else key
 
     @property
     def value(self) -> Hashable:
@@ -96,7 +118,7 @@ class ReferenceCache:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size: int = block_size
         self.clock = 0
-        self._root_children: dict[tuple[int, ...], Block] = {}
+        self._root_children: dict[BlockKey, Block] = {}
         self._by_value: dict[Hashable, Block] = {}
         self._pinned = 0  # copies with a reference; protected_tokens is read on every admission
         self.changes: list[tuple] | None = None
@@ -118,7 +140,7 @@ class ReferenceCache:
         use: no LRU stamp)."""
         return self.cached_in(self._split(token_ids, "token_ids"))
 
-    def cached_in(self, blocks: list[tuple[int, ...]]) -> int:
+    def cached_in(self, blocks: list[BlockKey]) -> int:
         """:meth:`cached_blocks` on blocks made by :meth:`split` of a model of this block size."""
         return len(self._walk(blocks))
 
@@ -184,14 +206,14 @@ class ReferenceCache:
         """
         return self.match_blocks(self._split(token_ids, "token_ids"))
 
-    def split(self, token_ids: Sequence[int]) -> list[tuple[int, ...]]:
-        """``token_ids`` validated and cut into full blocks, for :meth:`match_blocks` and
-        :meth:`insert_blocks`. Validating and cutting a long prompt costs more than walking
-        the trie with it, and every lane's model of one lockstep step sees the same prompt,
-        so the cut is made once and shared."""
+    def split(self, token_ids: Sequence[int]) -> list[BlockKey]:
+        """``token_ids`` validated and cut into the keys of its full blocks
+        (:data:`BlockKey`), for :meth:`match_blocks` and :meth:`insert_blocks`. Validating
+        and cutting a long prompt costs more than walking the trie with it, and every lane's
+        model of one lockstep step sees the same prompt, so the cut is made once and shared."""
         return self._split(token_ids, "token_ids")
 
-    def match_blocks(self, blocks: list[tuple[int, ...]]) -> tuple[int, list[Hashable]]:
+    def match_blocks(self, blocks: list[BlockKey]) -> tuple[int, list[Hashable]]:
         """:meth:`match_prefix` on blocks made by :meth:`split` of a model of this block size."""
         path = self._walk(blocks)
         self._touch(path, len(path))
@@ -209,7 +231,7 @@ class ReferenceCache:
         return self.insert_blocks(self._split(token_ids, "token_ids"), block_values,
                                   keep_duplicates)
 
-    def insert_blocks(self, blocks: list[tuple[int, ...]], block_values: Sequence[Hashable],
+    def insert_blocks(self, blocks: list[BlockKey], block_values: Sequence[Hashable],
                       keep_duplicates: bool = False) -> int:
         """:meth:`insert` on blocks made by :meth:`split` of a model of this block size; the
         values are validated as :meth:`insert` validates them."""
@@ -247,10 +269,10 @@ class ReferenceCache:
             self._cache_copy(copied, value)
         parent = path[-1] if path else None
         children = self._children(parent)
-        for block_tokens, value in zip(blocks[existing:], values[existing:]):
-            block = children.get(block_tokens)
+        for key, value in zip(blocks[existing:], values[existing:]):
+            block = children.get(key)
             if block is None:
-                block = children[block_tokens] = Block(block_tokens, parent, self.clock)
+                block = children[key] = Block(key, parent, self.clock)
             else:  # hollow: cached again
                 block.used = block.maybe_used = self.clock
             self._cache_copy(block, value)
@@ -283,7 +305,7 @@ class ReferenceCache:
             self.changes.append(("-", block, value))
         empty: Block | None = block
         while empty is not None and not empty.copies and not empty.children:
-            self._children(empty.parent).pop(empty.tokens)
+            self._children(empty.parent).pop(empty.key)
             empty = empty.parent
 
     def acquire(self, values: Iterable[Hashable]) -> None:
@@ -390,7 +412,7 @@ class ReferenceCache:
     def assert_invariants(self) -> None:
         """Check the trie's own consistency; raises ``AssertionError`` naming what broke."""
         seen: dict[int, Block] = {}
-        stack: list[tuple[Block | None, tuple[int, ...], Block]] = [
+        stack: list[tuple[Block | None, BlockKey, Block]] = [
             (None, key, b) for key, b in self._root_children.items()]
         bs, clock, by_value = self.block_size, self.clock, self._by_value
 
@@ -402,8 +424,9 @@ class ReferenceCache:
             assert id(block) not in seen, f"{name(block)} reachable twice"
             seen[id(block)] = block
             assert block.parent is parent, f"{name(block)} has a wrong parent link"
-            assert key == block.tokens, f"{name(block)} is filed under a wrong key"
-            assert len(block.tokens) == bs, f"{name(block)} is not full"
+            assert key == block.key, f"{name(block)} is filed under a wrong key"
+            assert len(key) == 8 * bs if isinstance(key, bytes) else (
+                len(key) == bs and max(key) >= _TOKEN_LIMIT), f"{name(block)}: malformed key"
             assert block.copies or block.children, f"{name(block)} is hollow with nothing below it"
             for value, refs in block.copies.items():
                 assert refs >= 0, f"{name(block)}: {value!r} has refcount {refs}"
@@ -419,14 +442,20 @@ class ReferenceCache:
 
     # ----------------------------------------------------------------- internals
 
-    def _split(self, token_ids: Sequence[int], name: str) -> list[tuple[int, ...]]:
+    def _split(self, token_ids: Sequence[int], name: str) -> list[BlockKey]:
         if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
             raise TypeError(f"{name} must be a sequence of ints, got {type(token_ids).__name__}")
         tokens = list(token_ids)
         if tokens and (set(map(type, tokens)) != {int} or min(tokens) < 0):
             self._reject_tokens(tokens, name)
-        n = len(tokens) // self.block_size * self.block_size
-        return [tuple(tokens[i:i + self.block_size]) for i in range(0, n, self.block_size)]
+        bs = self.block_size
+        n = len(tokens) // bs * bs
+        if not n:
+            return []
+        if max(tokens) < _TOKEN_LIMIT:
+            raw, width = array("Q", tokens[:n]).tobytes(), 8 * bs
+            return [raw[i:i + width] for i in range(0, 8 * n, width)]
+        return [_key(tokens[i:i + bs]) for i in range(0, n, bs)]
 
     @staticmethod
     def _reject_tokens(tokens: list, name: str) -> None:
@@ -444,14 +473,14 @@ class ReferenceCache:
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
 
-    def _children(self, block: Block | None) -> dict[tuple[int, ...], Block]:
+    def _children(self, block: Block | None) -> dict[BlockKey, Block]:
         return self._root_children if block is None else block.children
 
-    def _walk(self, blocks: list[tuple[int, ...]]) -> list[Block]:
+    def _walk(self, blocks: list[BlockKey]) -> list[Block]:
         path: list[Block] = []
         children = self._root_children
-        for block_tokens in blocks:
-            block = children.get(block_tokens)
+        for key in blocks:
+            block = children.get(key)
             if block is None or not block.copies:
                 break
             path.append(block)
@@ -497,7 +526,7 @@ class ReferenceCache:
 
     def _remove(self, blocks: list[Block]) -> None:
         for block in blocks:
-            self._children(block.parent).pop(block.tokens, None)
+            self._children(block.parent).pop(block.key, None)
             for value, refs in block.copies.items():
                 del self._by_value[value]
                 self._pinned -= bool(refs)
