@@ -482,9 +482,10 @@ class Lockstep:
         matched = list(got.pages)
         full = len(tokens) // bs
         need = (-(-len(tokens) // bs) if contract.tail_page else full) - len(matched)
-        pinned = shadow.protected_tokens // bs + sum(1 for p in matched if not shadow.refcount(p))
-        room = lane.adapter.capacity_pages - len(lane.held) - pinned
+        room = lane.adapter.capacity_pages - len(lane.held)  # less what is pinned, below
         if lane.lazy:
+            room -= shadow.protected_tokens // bs + sum(
+                1 for p in matched if not shadow.refcount(p))
             admitted = lane.adapter.admit(got.handle, need)
             if admitted is None:
                 return self._refused(lane, need, room)
@@ -492,6 +493,7 @@ class Lockstep:
             self._take_from_queue(lane, matched, new, need)
         else:
             shadow.acquire(matched)
+            room -= shadow.protected_tokens // bs  # the matched prefix is pinned now too
             receipt = lane.adapter.lock(got.handle)
             new = self._alloc(lane, need)
             if new is None:

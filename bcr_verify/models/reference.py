@@ -93,7 +93,10 @@ class Block:
     @property
     def pinned(self) -> bool:
         """Some copy is held by a running request."""
-        return any(self.copies.values())
+        for refs in self.copies.values():  # compiled, a loop beats any() over a view
+            if refs:
+                return True
+        return False
 
 
 RELAXATIONS = {
@@ -393,7 +396,10 @@ class ReferenceCache:
                 least_used = b.used
         relaxed = []
         if blocks and oldest is not None:
-            newest = max(blocks, key=lambda b: b.used)
+            newest = blocks[0]
+            for b in blocks:  # compiled, a loop beats max() with a key function
+                if b.used > newest.used:
+                    newest = b
             if newest.used > oldest.maybe_used:
                 raise ValueError(
                     f"not LRU: evicted {newest.value!r} (last used at t={newest.used}) but kept "
@@ -446,16 +452,18 @@ class ReferenceCache:
         if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
             raise TypeError(f"{name} must be a sequence of ints, got {type(token_ids).__name__}")
         tokens = list(token_ids)
-        if tokens and (set(map(type, tokens)) != {int} or min(tokens) < 0):
+        if tokens and set(map(type, tokens)) != {int}:
             self._reject_tokens(tokens, name)
         bs = self.block_size
         n = len(tokens) // bs * bs
-        if not n:
-            return []
-        if max(tokens) < _TOKEN_LIMIT:
-            raw, width = array("Q", tokens[:n]).tobytes(), 8 * bs
-            return [raw[i:i + width] for i in range(0, 8 * n, width)]
-        return [_key(tokens[i:i + bs]) for i in range(0, n, bs)]
+        try:
+            raw = array("Q", tokens).tobytes()
+        except OverflowError:  # a token below 0, or one of 2**64 or more
+            if min(tokens) < 0:
+                self._reject_tokens(tokens, name)
+            return [_key(tokens[i:i + bs]) for i in range(0, n, bs)]
+        width = 8 * bs
+        return [raw[i:i + width] for i in range(0, 8 * n, width)]
 
     @staticmethod
     def _reject_tokens(tokens: list, name: str) -> None:
