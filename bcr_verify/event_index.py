@@ -29,6 +29,12 @@ class Node:
     children: set = field(default_factory=set)
 
 
+def blocks_of(tokens, block_size: int) -> list[tuple[int, ...]]:
+    """``tokens``' full blocks as an index files them: tuples of tokens."""
+    bs = block_size
+    return [tuple(tokens[i:i + bs]) for i in range(0, len(tokens) // bs * bs, bs)]
+
+
 class ReferenceIndex:
     def __init__(self, block_size: int, counting: bool):
         self.block_size = block_size
@@ -50,8 +56,7 @@ class ReferenceIndex:
 
     def held_blocks(self, tokens) -> int:
         """Leading full blocks of ``tokens`` this index says the worker holds."""
-        bs = self.block_size
-        return self.held_of([tuple(tokens[i:i + bs]) for i in range(0, len(tokens) // bs * bs, bs)])
+        return self.held_of(blocks_of(tokens, self.block_size))
 
     def held_of(self, blocks) -> int:
         """:meth:`held_blocks` of a prompt already cut into blocks (tuples of tokens)."""

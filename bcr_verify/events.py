@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from bcr_verify.adapters.base import Cleared, Removed, Stored
 from bcr_verify.errors import Divergence
-from bcr_verify.event_index import ReferenceIndex
+from bcr_verify.event_index import ReferenceIndex, blocks_of
 from bcr_verify.lockstep import Observer
 
 RULES = {
@@ -137,9 +137,8 @@ class EventsOracle(Observer):
         if self.dynamo:
             from bcr_verify.dynamo_index import block_hashes
             hashes = block_hashes(tokens, lane.block_size)
-        bs = lane.block_size
-        blocks = [tuple(tokens[i:i + bs]) for i in range(0, len(tokens) // bs * bs, bs)]
-        return Probe(tokens, lane.shadow.split(tokens), blocks, hashes)
+        return Probe(tokens, lane.shadow.split(tokens), blocks_of(tokens, lane.block_size),
+                     hashes)
 
     def report(self) -> dict:
         return {"events": {
