@@ -42,6 +42,8 @@ def test_evict_removes_subtree_and_refuses_in_use():
 @pytest.mark.parametrize("call, error, words", [
     (lambda c: c.insert([1, -2], [1, 2]), ValueError, "token_ids[1] must be >= 0"),
     (lambda c: c.insert([1, 2.0], [1, 2]), TypeError, "token_ids[1] must be an int"),
+    (lambda c: c.insert([1, True], [1, 2]), TypeError, "token_ids[1] must be an int"),
+    (lambda c: c.match_prefix((3, 4, None)), TypeError, "token_ids[2] must be an int"),
     (lambda c: c.insert("ab", [1, 2]), TypeError, "token_ids must be a sequence"),
     (lambda c: c.insert([1, 2, 3], [1, 2]), ValueError, "block_values has 2 values but"),
     (lambda c: c.insert([5, 6], [7, 7]), ValueError, "block_values repeats a value"),
@@ -61,6 +63,18 @@ def test_bad_input_names_the_argument_and_changes_nothing(call, error, words):
         call(c)
     assert words in str(info.value)
     assert snapshot(c) == before
+
+
+def test_any_sequence_of_ints_is_one_prompt():
+    """A tuple, a list, and ints of an int subclass cut into the same blocks."""
+    class Token(int):
+        pass
+
+    c = ReferenceCache(2)
+    assert c.split([5, 6, 7, 8, 9]) == c.split((5, 6, 7, 8, 9)) \
+        == c.split([Token(5), 6, Token(7), 8, 9])
+    c.insert((5, 6, 7, 8), [10, 20])
+    assert c.match_prefix([Token(5), Token(6), 7, 8, 9]) == (4, [10, 20])
 
 
 def test_block_size_is_validated():

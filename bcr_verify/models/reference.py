@@ -451,9 +451,11 @@ class ReferenceCache:
     def _split(self, token_ids: Sequence[int], name: str) -> list[BlockKey]:
         if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
             raise TypeError(f"{name} must be a sequence of ints, got {type(token_ids).__name__}")
-        tokens = list(token_ids)
-        if tokens and set(map(type, tokens)) != {int}:
-            self._reject_tokens(tokens, name)
+        tokens = token_ids if type(token_ids) is list else list(token_ids)
+        for token in tokens:  # compiled, this loop is ten times set(map(type, tokens))
+            if type(token) is not int:
+                self._reject_tokens(tokens, name)
+                break
         bs = self.block_size
         n = len(tokens) // bs * bs
         try:
