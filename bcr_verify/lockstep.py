@@ -427,13 +427,18 @@ class Lockstep:
         costs microseconds each time it is hashed).
 
         Kept for the last :data:`CUTS_KEPT` prompts: workloads repeat prompts, and validating
-        a long one costs more than a model's lookup of it."""
+        a long one costs more than a model's lookup of it. A kept cut is found by equality,
+        which does not see a token's type (``[True] == [1]``), so it is reused only for plain
+        ints; anything else is cut, and so judged, afresh."""
         key = tuple(tokens)
         cut = self._cuts.get(key)
+        if cut is not None and ReferenceCache.plain_ints(tokens):
+            return cut
+        blocks = self.lanes[0].shadow.split(tokens)
         if cut is None:
             if len(self._cuts) >= CUTS_KEPT:
                 self._cuts.clear()
-            cut = self._cuts[key] = (self.lanes[0].shadow.split(tokens), next(PROMPT_NUMBERS))
+            cut = self._cuts[key] = (blocks, next(PROMPT_NUMBERS))
         return cut
 
     def _match(self, lane: Lane, tokens: list[int], blocks: list):

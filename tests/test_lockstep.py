@@ -106,6 +106,23 @@ def test_a_request_that_does_not_fit_is_rejected_in_every_lane():
     lockstep.check()
 
 
+def test_a_prompt_equal_to_a_remembered_one_is_still_judged_by_its_own_tokens():
+    """The cut memo finds prompts by equality, and [True] == [1]: a bool prompt is refused
+    by name even right after the equal int prompt ran; an int subclass is cut alike."""
+    class Token(int):
+        pass
+
+    lockstep = Lockstep([resolve("reference").build(4, 16), resolve("sglang-radix").build(4, 16)])
+    rid = lockstep.begin([1, 0, 1, 1])
+    lockstep.finish(rid)
+    with pytest.raises(TypeError, match=r"token_ids\[0\] must be an int, got bool"):
+        lockstep.begin([True, False, True, True])
+    assert not lockstep.requests and len(lockstep.steps) == 2
+    lockstep.match([Token(1), 0, 1, Token(1)])
+    assert lockstep.lanes[0].stats.hit_tokens == 4
+    lockstep.check()
+
+
 def test_run_reports_hits_evictions_and_flags_vacuous_passes():
     result = run(RunConfig(implementations=["reference", "sglang-radix"], block_size=16,
                            max_steps=300, trace_dir="unused"))
