@@ -582,11 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         from bcr_verify.supervise import supervised
         return supervised(work, lambda death: report_death(args, death, args.command),
                           args.op_timeout)
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    try:
+    from bcr_verify import interrupts
+    with interrupts.handling(signal.SIGINT, signal.SIGTERM):
         return work()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _execute(work, command: str = "replay") -> int:
@@ -604,11 +602,6 @@ def _execute(work, command: str = "replay") -> int:
         print(f"bcr-verify {command}: internal error (exit 3): the traceback above is "
               "bcr_verify's own, not the implementation's; please report it", file=sys.stderr)
         return EXIT_INTERNAL
-
-
-def _sigterm_as_interrupt(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt("SIGTERM")
 
 
 if __name__ == "__main__":

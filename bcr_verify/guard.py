@@ -119,12 +119,14 @@ class Watchdog:
         return True
 
     def _watch(self) -> None:
+        # It fires again at every poll while the same call still runs: Python drops an
+        # exception raised inside a gc callback or a __del__ (see bcr_verify.interrupts).
         while True:
             slots = BEACON.slots
             timeout = self.timeout
             time.sleep(0.25 if timeout is None else min(1.0, max(0.02, timeout / 10)))
             entered = slots[ENTERED]
-            if (timeout is not None and entered and entered != self._fired_for
+            if (timeout is not None and entered
                     and time.monotonic_ns() - entered > timeout * 1e9):
                 self._fired_for = entered
                 _thread.interrupt_main(_HANG_SIGNAL)
@@ -133,7 +135,6 @@ class Watchdog:
         entered = BEACON.slots[ENTERED]
         if not entered or entered != self._fired_for:
             return  # the call returned just before the handler ran
-        BEACON.slots[ENTERED] = 0
         raise ImplementationHung(
             BEACON.lane_name(), "timeout",
             f"{BEACON.where()} did not return within {self.timeout:g} s (--op-timeout)",

@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from bcr_verify import journal
+from bcr_verify import interrupts, journal
 from bcr_verify.adapters.base import CacheAdapter
 from bcr_verify.errors import (
     Divergence, FatalFinding, InvariantViolation, UsageError, VerificationFailure,
@@ -368,6 +368,7 @@ class Lockstep:
     def _step(self, op: str, args: dict, run, prompt: int | None = None) -> Any:
         """Record, journal and run one step; ``prompt``: its prompt's number from
         :meth:`_cut`, if it has one."""
+        interrupts.check()
         if self.budget is not None:
             self.budget.take()
         index = len(self.steps)

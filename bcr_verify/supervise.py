@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bcr_verify import journal
+from bcr_verify import interrupts, journal
 from bcr_verify.cli import EXIT_INTERNAL, EXIT_INTERRUPTED
 from bcr_verify.guard import BEACON, DONE, ENTERED
 
@@ -112,10 +112,10 @@ def _child(work: Callable[[], int], journal_path: Path) -> None:
     try:
         _die_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards it, once
-        signal.signal(signal.SIGTERM, _interrupt)
         journal.JOURNAL = journal.Journal(journal_path)
-        code = work()
-        BEACON.slots[DONE] = code + 1
+        with interrupts.handling(signal.SIGTERM):
+            code = work()
+            BEACON.slots[DONE] = code + 1
     except SystemExit as exc:  # sys.exit() from inside an implementation: not finished
         code = exc.code if isinstance(exc.code, int) else 1
     except KeyboardInterrupt:  # the forwarded interrupt landed outside the command's handler
@@ -132,11 +132,6 @@ def _child(work: Callable[[], int], journal_path: Path) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-def _interrupt(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _die_with_parent() -> None:
@@ -173,8 +168,8 @@ def _watch(child: int, on_death: Callable[[Death], int], op_timeout: float | Non
                     and time.monotonic_ns() - entered > backstop * 1e9):
                 hung = True
                 state["killed"] = (f"no return within {backstop:g} s (the in-process timeout of "
-                                   f"{op_timeout:g} s could not interrupt it: native code); "
-                                   "the process was killed")
+                                   f"{op_timeout:g} s could not end it: native code, or Python "
+                                   "that dropped its exception); the process was killed")
                 _kill(child, signal.SIGKILL)
             began = state["interrupted_at"]
             if (began is not None and state["killed"] is None

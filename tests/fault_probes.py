@@ -41,6 +41,7 @@ def probes(tmp: Path):
     yield "hang in match, Python loop (soak --minutes 0.5)", ["soak", "--impl", F + "hangs_in_match", "--minutes", "0.5", "--op-timeout", "2", "--quiet"], 1, None
     yield "hang in native code (run)", RUN + ["--impl", F + "hangs_in_native_code", "--op-timeout", "2"], 1, None
     yield "hang in native code: replay of its trace", ["replay", "@last", "--op-timeout", "2"], 1, None
+    yield "hang in a Python loop spent in a gc callback, which drops the timeout's exception (run)", RUN + ["--impl", F + "hangs_in_a_gc_callback", "--op-timeout", "2"], 1, None
     yield "crash: segfault in native code (run)", RUN + ["--impl", F + "segfaults"], 1, None
     yield "crash: segfault: replay of its trace", ["replay", "@last"], 1, None
     yield "crash: os._exit(3) inside insert (run)", RUN + ["--impl", F + "exits_the_process"], 1, None
@@ -51,6 +52,7 @@ def probes(tmp: Path):
     yield "SIGINT (Ctrl-C) in a long passing run", ["run", "--impl", "reference", "--minutes", "10"], 130, ("examples", signal.SIGINT)
     yield "SIGINT during Hypothesis's shrink", ["run", "--impl", "reference", "--impl", F + "slow_and_failing", "--block-size", "4"], 1, ("shrinking it", signal.SIGINT)
     yield "SIGTERM during a soak", ["soak", "--impl", "reference", "--minutes", "10"], 130, ("ops/s", signal.SIGTERM)
+    yield "SIGTERM whose KeyboardInterrupt a gc callback drops (run)", RUN + ["--impl", F + "interrupted_in_a_gc_callback"], 130, None
     yield "--max-steps 1 (steps executed: see JSON)", ["run", "--impl", "reference", "--max-steps", "1", "--quiet"], 0, None
     yield "--minutes nan", ["run", "--minutes", "nan"], 2, None
     yield "--trace-dir naming a file", RUN + ["--trace-dir", str(file)], 2, None

@@ -6,7 +6,9 @@ by the fault tests (``tests/test_faults.py``) and the probes in ``docs/reliabili
 """
 
 import ctypes
+import gc
 import os
+import signal
 import time
 
 from bcr_verify.adapters import BCRApiAdapter
@@ -64,6 +66,46 @@ class HangsInNativeCode(_Faulty):
 
     def _fault(self):
         time.sleep(3600)
+
+
+class HangsInAGcCallback(_Faulty):
+    """A Python-level hang spent almost wholly inside a garbage-collector callback, where
+    Python drops the exception the watchdog raises (it prints "Exception ignored in")."""
+
+    method = "match_prefix"
+
+    def _fault(self):
+        gc.callbacks.append(_busy)
+        try:
+            while True:
+                gc.collect()
+        finally:
+            gc.callbacks.remove(_busy)
+
+
+def _busy(phase, info):
+    for _ in range(20_000):
+        pass
+
+
+class InterruptedInAGcCallback(_Faulty):
+    """Its process gets a SIGTERM whose handler runs inside a garbage-collector callback,
+    where Python drops the KeyboardInterrupt the handler raises: as a Ctrl-C landing in
+    Hypothesis's own gc callback."""
+
+    method = "match_prefix"
+
+    def _fault(self):
+        gc.callbacks.append(_sigterm)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(_sigterm)
+
+
+def _sigterm(phase, info):
+    if phase == "start":
+        signal.raise_signal(signal.SIGTERM)
 
 
 class Segfaults(_Faulty):
@@ -137,6 +179,14 @@ def hangs_in_match(block_size):
 
 def hangs_in_native_code(block_size):
     return HangsInNativeCode(block_size)
+
+
+def hangs_in_a_gc_callback(block_size):
+    return HangsInAGcCallback(block_size)
+
+
+def interrupted_in_a_gc_callback(block_size):
+    return InterruptedInAGcCallback(block_size)
 
 
 def segfaults(block_size):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bcr_verify import interrupts
+
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
 F = "faulty_caches:"
@@ -94,6 +96,40 @@ def test_native_hang_is_ended_by_the_supervisor(tmp_path):
     assert report["verdict"] == "fail" and report["trace"]
     assert_replays(saved_trace(out.stdout), "--op-timeout", "1", kind="implementation hung",
                    check="timeout")
+
+
+def test_hang_whose_exception_python_drops_is_ended_by_the_supervisor(tmp_path):
+    """The watchdog's exception lands in a gc callback and Python drops it: the supervisor
+    still sees the call in progress and ends it (in process, nothing could)."""
+    out, report = run_fault(tmp_path, "hangs_in_a_gc_callback", "--op-timeout", "1")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert report["failure"]["kind"] == "implementation hung", report["failure"]
+    assert report["failure"]["check"] == "timeout"
+    assert_replays(saved_trace(out.stdout), "--op-timeout", "1", kind="implementation hung",
+                   check="timeout")
+
+
+@pytest.mark.parametrize("mode", [(), ("--in-process",)], ids=["supervised", "in-process"])
+def test_interrupt_that_python_drops_still_stops_the_run(tmp_path, mode):
+    """A SIGTERM's KeyboardInterrupt raised inside a gc callback is dropped by Python: the run
+    must stop at its next step and report what it ran, not go on to a PASS."""
+    out, report = run_fault(tmp_path, "interrupted_in_a_gc_callback", *mode)
+    assert "Exception ignored" in out.stderr  # the interrupt really was dropped
+    assert out.returncode == 130, out.stdout + out.stderr
+    assert report["verdict"] == "interrupted" and 0 < report["steps"] < 400
+
+
+def test_an_interrupt_is_remembered_until_its_handlers_are_removed():
+    previous = signal.getsignal(signal.SIGTERM)
+    with interrupts.handling(signal.SIGTERM):
+        interrupts.check()  # nothing yet
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            interrupts.check()  # again, at every step
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # a second one is ignored
+    interrupts.check()
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 @pytest.mark.parametrize("impl, how", [("segfaults", "signal 11 (SIGSEGV)"),
