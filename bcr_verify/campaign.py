@@ -53,7 +53,7 @@ FORWARDED = {"impls": "--impl", "block_size": "--block-size", "workload": "--wor
              "sample_seconds": "--sample-seconds", "strict_lru": "--strict-lru",
              "events": "--events", "shape": "--shape", "trace_dir": "--trace-dir",
              "op_timeout": "--op-timeout", "in_process": "--in-process",
-             "shrink_seconds": "--shrink-seconds"}
+             "shrink_seconds": "--shrink-seconds", "known": "--known"}
 """The soak options every worker gets as given (``--seed`` and ``--ops`` are derived)."""
 CAMPAIGN_ONLY = {"workers", "seed", "ops", "json", "plot", "quiet"}
 """The options the campaign itself answers; a new soak option must join one of the two sets
@@ -73,6 +73,7 @@ COUNTS = {
     "ops_per_second_wall": "lockstep_operations / the campaign's wall time, start-up of "
                            "every worker's Python, torch and caches included",
     "invariant_checks": "summed over workers",
+    "known": "each known check's hits summed over workers, with the shortest witness of any",
     "implementations_detail": "each count summed over workers; hit_rate recomputed from the "
                               "summed tokens",
 }
@@ -288,6 +289,13 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
     for stats in detail.values():
         if stats.get("lookup_tokens"):
             stats["hit_rate"] = round(stats["hit_tokens"] / stats["lookup_tokens"], 4)
+    known: dict[str, dict] = {}
+    for r in got:
+        for check, found in r.get("known", {}).items():
+            mine = known.setdefault(check, {"count": 0, "steps": None, "trace": None})
+            mine["count"] += found["count"]
+            if mine["steps"] is None or found["steps"] < mine["steps"]:
+                mine["steps"], mine["trace"] = found["steps"], found["trace"]
     first = got[0] if got else {}
     failures = [{"worker": row["worker"], "seed": row["seed"], "trace": row.get("trace"),
                  "failure": row.get("failure") or {"kind": "growth", "detail": row["growth"]},
@@ -308,6 +316,7 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
         "invariant_checks": sum(r.get("invariant_checks", 0) for r in got),
         "flushes": sum(r.get("flushes", 0) for r in got),
         "implementations_detail": detail,
+        "known": known,
         "failures": failures,
         "workers": rows,
         "counts": COUNTS,
@@ -359,6 +368,9 @@ def summary(report: dict) -> str:
     for name, d in report["implementations_detail"].items():
         lines.append(f"  {name:<22} hit rate {d.get('hit_rate', 0):.3f}, "
                      f"hits {d.get('hits', 0):,}, evictions {d.get('evictions', 0):,}")
+    for check, found in report["known"].items():
+        lines.append(f"KNOWN: {check} failed {found['count']:,} times (not a new finding); "
+                     f"a {found['steps']}-step witness: {found['trace']}")
     for f in report["failures"]:
         failure = f["failure"]
         where = f" in {failure['impl']} [{failure['check']}]" if "impl" in failure else ""

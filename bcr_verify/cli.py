@@ -105,6 +105,13 @@ def add_impl_args(parser: argparse.ArgumentParser, faults: bool = True) -> None:
         add_fault_args(parser)
 
 
+def add_known_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--known", action="append", metavar="CHECK",
+                        help="a check already known to fail here (e.g. 'sizes'): each hit is "
+                             "counted and one witness trace kept, the caches start again empty, "
+                             "and the search goes on for others (repeatable)")
+
+
 def add_shrink_arg(parser: argparse.ArgumentParser) -> None:
     """``--shrink-seconds`` of the commands that shrink what they find."""
     from bcr_verify.lockstep import DEFAULT_SHRINK_SECONDS
@@ -538,10 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the report as JSON here")
     p.add_argument("--trace-dir", default="corpus/traces",
                    help="where a failure's trace is saved (default corpus/traces)")
-    p.add_argument("--known", action="append", metavar="CHECK",
-                   help="a check already known to fail here (e.g. 'sizes'): each hit is "
-                        "counted and one witness trace kept, and the search goes on for others "
-                        "(repeatable)")
+    add_known_arg(p)
     p.add_argument("--strict-lru", action="store_true",
                    help="judge eviction by strict block-level LRU: an eviction legal only "
                         "under a relaxation the model accepts for radix trees (whole-node "

@@ -289,6 +289,9 @@ class SoakConfig:
     op_timeout: float | None = DEFAULT_OP_TIMEOUT
     strict_lru: bool = False
     events: bool = False
+    known: tuple[str, ...] = ()
+    """Checks already known to fail: a hit is counted, the shortest window that hit it kept
+    as its witness, and the caches flushed, so the soak goes on looking for other findings."""
     shape: str = "mixed"
     """``mixed``: the workload's prompts, flushes and evictions as the machine draws them;
     ``deep``: long chains and fan-outs (:class:`DeepDrawer`), never flushed."""
@@ -353,6 +356,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     rules = Counter()
     samples = []
     failure: VerificationFailure | FatalFinding | None = None
+    known: dict[str, dict] = {}  # check -> {"count", "witness": shortest window, "failure"}
     window: list[dict] = []
     begin_map: dict[int, int] = {}
     for lane in lockstep.lanes:  # what building the lanes called is not the soak's
@@ -368,6 +372,12 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     def flush_window():
         lockstep.forget_steps()
         begin_at.clear()
+
+    def count_known(exc: VerificationFailure) -> None:
+        found = known.setdefault(exc.check, {"count": 0, "witness": None})
+        found["count"] += 1
+        if found["witness"] is None or len(lockstep.steps) < len(found["witness"]):
+            found["witness"], found["failure"] = list(lockstep.steps), exc.as_dict()
 
     def do_begin():
         rid = lockstep.begin(prompts.draw())
@@ -402,28 +412,39 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                     enabled += ["finish", "abort"]
                 rule = rng.choice(enabled)
             rules[rule] += 1
-            if rule == "serve":
-                rid = do_begin()
-                if rid is not None:
-                    lockstep.finish(rid)
-            elif rule == "begin":
-                rid = do_begin()
-                if rid is not None:
-                    running.append(rid)
-            elif rule in ("finish", "abort"):
-                rid = running.pop(rng.randrange(len(running)))
-                if rid in lockstep.requests:
-                    getattr(lockstep, rule)(rid)
-            elif rule == "match":
-                lockstep.match(lookups())
-            elif rule == "evict":
-                lockstep.evict(max(1, pool_tokens * rng.randint(1, 3 if deep else 50) // 100))
-            elif rule == "evict_value":
-                pick = rng.randint(0, 10_000)
-                if explicit:
-                    lockstep.evict_value(pick)
-            elif rule == "reset" and (rng.randrange(10) == 0 or len(lockstep.steps) > MAX_WINDOW):
-                lockstep.check()  # no corruption may hide behind a flush
+            try:
+                if rule == "serve":
+                    rid = do_begin()
+                    if rid is not None:
+                        lockstep.finish(rid)
+                elif rule == "begin":
+                    rid = do_begin()
+                    if rid is not None:
+                        running.append(rid)
+                elif rule in ("finish", "abort"):
+                    rid = running.pop(rng.randrange(len(running)))
+                    if rid in lockstep.requests:
+                        getattr(lockstep, rule)(rid)
+                elif rule == "match":
+                    lockstep.match(lookups())
+                elif rule == "evict":
+                    percent = rng.randint(1, 3 if deep else 50)
+                    lockstep.evict(max(1, pool_tokens * percent // 100))
+                elif rule == "evict_value":
+                    pick = rng.randint(0, 10_000)
+                    if explicit:
+                        lockstep.evict_value(pick)
+                elif rule == "reset" and (rng.randrange(10) == 0
+                                          or len(lockstep.steps) > MAX_WINDOW):
+                    lockstep.check()  # no corruption may hide behind a flush
+                    lockstep.reset()
+                    running.clear()
+                    flushes += 1
+                    flush_window()
+            except VerificationFailure as exc:
+                if exc.check not in config.known:
+                    raise
+                count_known(exc)
                 lockstep.reset()
                 running.clear()
                 flushes += 1
@@ -442,9 +463,12 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
             lockstep.budget = None  # the closing check is not a step
             lockstep.check()
         except (VerificationFailure, FatalFinding) as exc:
-            failure = exc
-            window = list(lockstep.steps)
-            begin_map = dict(begin_at)
+            if isinstance(exc, VerificationFailure) and exc.check in config.known:
+                count_known(exc)
+            else:
+                failure = exc
+                window = list(lockstep.steps)
+                begin_map = dict(begin_at)
     elapsed = time.monotonic() - start
     gc.unfreeze()
     total_ops = lockstep.executed
@@ -481,6 +505,16 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                                       "flush kept")
         trace_path = str(trace.save(config.trace_dir))
 
+    known_witnesses = {
+        check: {"count": found["count"], "steps": len(found["witness"]),
+                "trace": str(Trace(implementations=list(impls), block_size=config.block_size,
+                                   capacity_pages=capacity, steps=found["witness"],
+                                   failure=found["failure"], strict_lru=config.strict_lru,
+                                   events=config.events,
+                                   meta={"workload": config.workload, "source": "soak",
+                                         "seed": config.seed, "known": True}
+                                   ).save(config.trace_dir))}
+        for check, found in known.items()}
     times = {lane.name: lane.adapter.call_times for lane in lockstep.lanes}
     raw_op = sum(t.seconds(TIMED) for t in times.values())
     raw_check = sum(t.seconds(CHECKS) for t in times.values())
@@ -523,6 +557,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         "lru_relaxations": relaxations,
         "rules": dict(rules), "flushes": flushes, "invariant_checks": lockstep.checks,
         "rejected_requests": lockstep.rejected,
+        "known": known_witnesses,
         "overhead": {
             "wall_seconds": round(elapsed, 3),
             "raw_implementation_op_seconds": round(raw_op, 3),
@@ -636,6 +671,11 @@ def summary(report: dict) -> str:
     if report["failure"]:
         f = report["failure"]
         lines.append(f"FAIL: {f['kind']} in {f['impl']} [{f['check']}]: {f['detail']}")
+        seen = report.get("found_as") or {}
+        if seen.get("check", f["check"]) != f["check"]:
+            lines.append(f"(the soak saw it first as {seen['kind']} [{seen['check']}], checking "
+                         f"invariants every {report['check_every']} steps; the trace checks "
+                         "after every step)")
         lines.append(f"trace saved: {report['trace']} (shrink: {report['shrink']})")
         lines.append(f"reproduce with: bcr-verify replay {report['trace']}")
     for key, series in report["growth"]["series"].items():
@@ -643,6 +683,10 @@ def summary(report: dict) -> str:
             lines.append(f"GROWING: {key} {series['first']} -> {series['last']} (fitted drift "
                          f"{series['fitted_drift']:+} over the measured window, limit "
                          f"{series['limit']}; {series['slope_per_million_ops']:+} per million ops)")
+    for check, found in report.get("known", {}).items():
+        lines.append(f"KNOWN: {check} failed {found['count']:,} times (not a new finding; the "
+                     f"caches were flushed after each); a {found['steps']}-step witness: "
+                     f"{found['trace']}")
     lines += [f"WARNING (pass may be vacuous): {w}" for w in report.get("vacuous_warnings", [])]
     verdict = report["verdict"]
     if verdict == "fail" and report["failure"]:
@@ -674,7 +718,8 @@ def cmd_soak(args) -> int:
             DEEP_DEFAULT_MINUTES if args.shape == "deep" else 1.0),
         max_ops=args.ops, check_every=args.check_every, sample_seconds=args.sample_seconds,
         trace_dir=args.trace_dir, op_timeout=args.op_timeout, shape=args.shape,
-        strict_lru=args.strict_lru, events=args.events, shrink_seconds=args.shrink_seconds)
+        strict_lru=args.strict_lru, events=args.events, shrink_seconds=args.shrink_seconds,
+        known=tuple(args.known or ()))
     show = None if args.quiet else progress_printer()
     result = soak(config, progress=show)
     with verdict_reached():
@@ -702,7 +747,8 @@ def _report_soak(args, result, show) -> int:
 
 def register(subparsers) -> None:
     from bcr_verify.cli import (
-        EVENTS_HELP, _positive_float, _positive_int, add_impl_args, add_shrink_arg,
+        EVENTS_HELP, _positive_float, _positive_int, add_impl_args, add_known_arg,
+        add_shrink_arg,
     )
 
     import argparse
@@ -735,6 +781,7 @@ def register(subparsers) -> None:
     p.add_argument("--strict-lru", action="store_true",
                    help="an eviction legal only under a relaxation of strict LRU is a failure")
     p.add_argument("--events", action="store_true", help=EVENTS_HELP)
+    add_known_arg(p)
     p.add_argument("--shape", choices=("mixed", "deep"), default="mixed",
                    help="mixed: the workload's prompts with flushes (default); deep: long "
                         "chains (past 1,000 radix nodes) and fan-outs, never flushed")

@@ -241,6 +241,10 @@ class LosesABlock(ReferenceCache):
         return super().insert(token_ids, block_values)
 
 
+def loses_a_block(block_size):
+    return LosesABlock(block_size)
+
+
 def loses_a_block_unless_even_seed(block_size):
     """The reference model in a process started with an even ``--seed``, :class:`LosesABlock`
     in any other: of a campaign's workers with seeds 0 and 1, only the second fails, and the

@@ -78,6 +78,23 @@ def test_soak_divergence_is_shrunk_and_saved(tmp_path):
     assert failure is not None and failure.check == check
 
 
+def test_a_known_check_is_counted_and_the_soak_goes_on(tmp_path):
+    """As ``make verify`` passes vLLM's per-copy BlockRemoved: here a cache that drops a block
+    of long inserts fails the 'eviction' check again and again."""
+    result = soak(SoakConfig(implementations=["reference", "faulty_caches:loses_a_block"],
+                             minutes=None, max_ops=3000, known=("eviction",),
+                             trace_dir=str(tmp_path)))
+    r = result.report
+    known = r["known"]["eviction"]
+    assert known["count"] >= 2  # found, the caches flushed, and found again
+    assert r["found_as"] is None or r["found_as"]["check"] != "eviction"
+    assert f"KNOWN: eviction failed {known['count']:,} times" in summary(r)
+    witness = Trace.load(known["trace"])
+    assert len(witness.steps) == known["steps"] and witness.failure["check"] == "eviction"
+    failure, _ = replay(witness)
+    assert failure is not None
+
+
 def test_deep_shape_grows_one_long_chain_and_fans_out(tmp_path):
     result = soak(SoakConfig(implementations=["reference", "sglang-radix"], minutes=None,
                              max_ops=400, shape="deep", block_size=4, trace_dir=str(tmp_path)))
