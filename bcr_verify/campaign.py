@@ -262,8 +262,8 @@ def worker_summary(w: Worker, report: dict | None) -> dict:
                    note=f"ended without a report ({why})", stderr_tail=list(w.stderr))
         return out
     keys = ("verdict", "lockstep_operations", "implementation_operations", "ops_per_second",
-            "seconds", "invariant_checks", "flushes", "failure", "trace", "shrink", "note",
-            "samples")
+            "seconds", "invariant_checks", "flushes", "failure", "found_as", "trace", "shrink",
+            "note", "samples")
     out.update({k: report[k] for k in keys if k in report})
     out["growth"] = report.get("growth", {}).get("verdict")
     return out
@@ -299,7 +299,7 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
     first = got[0] if got else {}
     failures = [{"worker": row["worker"], "seed": row["seed"], "trace": row.get("trace"),
                  "failure": row.get("failure") or {"kind": "growth", "detail": row["growth"]},
-                 "command": row["command"]}
+                 "found_as": row.get("found_as"), "command": row["command"]}
                 for row in rows if row["verdict"] == "fail"]
     report = {
         "verdict": verdict, "ok": verdict in ("pass", "inconclusive"),
@@ -376,6 +376,10 @@ def summary(report: dict) -> str:
         where = f" in {failure['impl']} [{failure['check']}]" if "impl" in failure else ""
         lines.append(f"FAIL in worker {f['worker']} (seed {f['seed']}): {failure['kind']}{where}: "
                      f"{failure['detail']}")
+        seen = f.get("found_as") or {}
+        if seen.get("check", failure.get("check")) != failure.get("check"):
+            lines.append(f"(the worker saw it first as {seen['kind']} [{seen['check']}], the "
+                         "name --known takes)")
         if f["trace"]:
             try:
                 lines.append(Trace.load(f["trace"]).render())

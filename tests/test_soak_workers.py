@@ -110,6 +110,25 @@ def test_a_worker_without_a_report_is_never_a_pass():
     assert worst["failures"][0]["worker"] == 0
 
 
+def test_a_failure_first_seen_as_another_check_says_so():
+    """A soak checks invariants every 64 steps, its shrunk trace after every step, so the two
+    can name different checks; --known takes the one the soak saw."""
+    args = types.SimpleNamespace(seed=0, minutes=1.0, ops=None, impls=["reference"],
+                                 block_size=16, workload="mixed", shape="mixed")
+    failed = {"verdict": "fail", "lockstep_operations": 10, "implementation_operations": 10,
+              "ops_per_second": 5.0, "seconds": 2.0, "invariant_checks": 1,
+              "failure": {"kind": "divergence", "impl": "x", "check": "match", "detail": "d"},
+              "found_as": {"kind": "invariant violation", "impl": "x", "check": "sizes",
+                           "detail": "e"}}
+    report = campaign.merge([_worker(0, 1)], [failed], False, 3.0, args)
+    assert report["failures"][0]["found_as"]["check"] == "sizes"
+    assert "(the worker saw it first as invariant violation [sizes], the name --known takes)" \
+        in campaign.summary(report)
+    same = campaign.merge([_worker(0, 1)], [dict(failed, found_as=failed["failure"])], False,
+                          3.0, args)
+    assert "saw it first" not in campaign.summary(same)
+
+
 def test_every_soak_option_reaches_the_workers_or_the_campaign():
     from bcr_verify.cli import build_parser
 
