@@ -46,6 +46,7 @@ from pathlib import Path
 
 from bcr_verify.cli import EXIT_FINDING, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PASS, EXIT_USAGE
 from bcr_verify.errors import UsageError
+from bcr_verify.soak import seen_first_as
 from bcr_verify.supervise import INTERRUPT_GRACE_S
 
 FORWARDED = {"impls": "--impl", "block_size": "--block-size", "workload": "--workload",
@@ -376,8 +377,8 @@ def summary(report: dict) -> str:
         where = f" in {failure['impl']} [{failure['check']}]" if "impl" in failure else ""
         lines.append(f"FAIL in worker {f['worker']} (seed {f['seed']}): {failure['kind']}{where}: "
                      f"{failure['detail']}")
-        seen = f.get("found_as") or {}
-        if seen.get("check", failure.get("check")) != failure.get("check"):
+        seen = seen_first_as(failure, f["found_as"])
+        if seen:
             lines.append(f"(the worker saw it first as {seen['kind']} [{seen['check']}], the "
                          "name --known takes)")
         if f["trace"]:

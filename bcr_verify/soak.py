@@ -640,6 +640,15 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def seen_first_as(failure: dict, found_as: dict | None) -> dict | None:
+    """What the soak saw when that differs from the check its shrunk trace fails: the soak
+    checks invariants every ``check_every`` steps and the trace after every step, and
+    ``--known`` takes the name the soak saw."""
+    if found_as and found_as.get("check", failure.get("check")) != failure.get("check"):
+        return found_as
+    return None
+
+
 def summary(report: dict) -> str:
     o = report["overhead"]
     lines = [
@@ -671,8 +680,8 @@ def summary(report: dict) -> str:
     if report["failure"]:
         f = report["failure"]
         lines.append(f"FAIL: {f['kind']} in {f['impl']} [{f['check']}]: {f['detail']}")
-        seen = report.get("found_as") or {}
-        if seen.get("check", f["check"]) != f["check"]:
+        seen = seen_first_as(f, report.get("found_as"))
+        if seen:
             lines.append(f"(the soak saw it first as {seen['kind']} [{seen['check']}], checking "
                          f"invariants every {report['check_every']} steps; the trace checks "
                          "after every step)")

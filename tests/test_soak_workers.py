@@ -85,47 +85,48 @@ def test_sigterm_reaches_every_worker_and_the_merged_report_is_written(tmp_path)
     assert "INTERRUPTED" in (tmp_path / "out.txt").read_text()
 
 
+ARGS = types.SimpleNamespace(seed=0, minutes=1.0, ops=None, impls=["reference"], block_size=16,
+                             workload="mixed", shape="mixed")
+"""The campaign's own arguments, for merging reports made up here."""
+
+
 def _worker(index, code, killed=None):
     return campaign.Worker(index, index, ["--seed", str(index)], None,
                            proc=types.SimpleNamespace(returncode=code), killed=killed)
 
 
 def test_a_worker_without_a_report_is_never_a_pass():
-    args = types.SimpleNamespace(seed=0, minutes=1.0, ops=None, impls=["reference"],
-                                 block_size=16, workload="mixed", shape="mixed")
     passed = {"verdict": "pass", "lockstep_operations": 10, "implementation_operations": 10,
               "ops_per_second": 5.0, "seconds": 2.0, "invariant_checks": 1}
     workers = [_worker(0, 0), _worker(1, 3)]
-    report = campaign.merge(workers, [passed, None], False, 3.0, args)
+    report = campaign.merge(workers, [passed, None], False, 3.0, ARGS)
     assert report["verdict"] == "error" and campaign.exit_code(report) == 3
     assert "without a report (exit status 3)" in report["workers"][1]["note"]
     assert report["lockstep_operations"] == 10
     killed = campaign.merge([_worker(0, 0), _worker(1, -9, killed="killed")], [passed, None],
-                            True, 3.0, args)
+                            True, 3.0, ARGS)
     assert killed["verdict"] == "interrupted" and campaign.exit_code(killed) == 130
     failed = dict(passed, verdict="fail", failure={"kind": "divergence", "impl": "x",
                                                    "check": "sizes", "detail": "d"})
-    worst = campaign.merge(workers, [failed, None], True, 3.0, args)
+    worst = campaign.merge(workers, [failed, None], True, 3.0, ARGS)
     assert worst["verdict"] == "fail" and campaign.exit_code(worst) == 1
     assert worst["failures"][0]["worker"] == 0
 
 
 def test_a_failure_first_seen_as_another_check_says_so():
-    """A soak checks invariants every 64 steps, its shrunk trace after every step, so the two
-    can name different checks; --known takes the one the soak saw."""
-    args = types.SimpleNamespace(seed=0, minutes=1.0, ops=None, impls=["reference"],
-                                 block_size=16, workload="mixed", shape="mixed")
+    """A soak checks invariants every --check-every steps, its shrunk trace after every step,
+    so the two can name different checks; --known takes the one the soak saw."""
     failed = {"verdict": "fail", "lockstep_operations": 10, "implementation_operations": 10,
               "ops_per_second": 5.0, "seconds": 2.0, "invariant_checks": 1,
               "failure": {"kind": "divergence", "impl": "x", "check": "match", "detail": "d"},
               "found_as": {"kind": "invariant violation", "impl": "x", "check": "sizes",
                            "detail": "e"}}
-    report = campaign.merge([_worker(0, 1)], [failed], False, 3.0, args)
+    report = campaign.merge([_worker(0, 1)], [failed], False, 3.0, ARGS)
     assert report["failures"][0]["found_as"]["check"] == "sizes"
     assert "(the worker saw it first as invariant violation [sizes], the name --known takes)" \
         in campaign.summary(report)
     same = campaign.merge([_worker(0, 1)], [dict(failed, found_as=failed["failure"])], False,
-                          3.0, args)
+                          3.0, ARGS)
     assert "saw it first" not in campaign.summary(same)
 
 
