@@ -120,3 +120,18 @@ def test_soak_reports_the_events_it_checked_and_a_vacuous_pass(tmp_path):
                            sample_seconds=0.001, trace_dir=str(tmp_path)))
     assert any("zero cache hits" in w for w in tiny.report["vacuous_warnings"])  # seed 0
     assert "WARNING (pass may be vacuous)" in summary(tiny.report)
+
+
+def test_a_failure_first_seen_as_another_check_says_so(tmp_path):
+    """The soak checks invariants every 64 steps, the shrunk trace after every step, so the
+    two can name different checks; --known takes the soak's."""
+    result = soak(SoakConfig(implementations=["reference"], minutes=None, max_ops=3,
+                             trace_dir=str(tmp_path)))
+    failure = {"kind": "divergence", "impl": "x", "check": "match", "detail": "d"}
+    report = dict(result.report, verdict="fail", failure=failure, trace="t.json",
+                  shrink={"reproduced": True},
+                  found_as=dict(failure, kind="invariant violation", check="sizes"))
+    assert ("(the soak saw it first as invariant violation [sizes], checking invariants every "
+            "64 steps, the name --known takes;") in summary(report)
+    assert "saw it first" not in summary(dict(report, found_as=failure))
+    assert "saw it first" not in summary(dict(report, found_as=None))
