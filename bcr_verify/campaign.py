@@ -75,6 +75,7 @@ COUNTS = {
                            "every worker's Python, torch and caches included",
     "invariant_checks": "summed over workers",
     "known": "each known check's hits summed over workers, with the shortest witness of any",
+    "known_not_seen": "checks given to --known that no worker saw fail",
     "implementations_detail": "each count summed over workers; hit_rate recomputed from the "
                               "summed tokens",
 }
@@ -273,6 +274,8 @@ def worker_summary(w: Worker, report: dict | None) -> dict:
 def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
           seconds: float, args) -> dict:
     """One report from the workers': counts summed, the worst verdict, every failure."""
+    from bcr_verify.session import known_not_seen
+
     rows = [worker_summary(w, r) for w, r in zip(workers, reports)]
     verdict = max((row["verdict"] for row in rows), key=ORDER.index)
     if verdict in ("pass", "inconclusive") and interrupted:
@@ -318,6 +321,7 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
         "flushes": sum(r.get("flushes", 0) for r in got),
         "implementations_detail": detail,
         "known": known,
+        "known_not_seen": known_not_seen(args.known or (), known),
         "failures": failures,
         "workers": rows,
         "counts": COUNTS,
@@ -345,6 +349,7 @@ def exit_code(report: dict) -> int:
 
 
 def summary(report: dict) -> str:
+    from bcr_verify.session import known_not_seen_line
     from bcr_verify.trace import Trace
 
     n = report["workers_count"]
@@ -372,6 +377,7 @@ def summary(report: dict) -> str:
     for check, found in report["known"].items():
         lines.append(f"KNOWN: {check} failed {found['count']:,} times (not a new finding); "
                      f"a {found['steps']}-step witness: {found['trace']}")
+    lines += [known_not_seen_line(check) for check in report.get("known_not_seen", [])]
     for f in report["failures"]:
         failure = f["failure"]
         where = f" in {failure['impl']} [{failure['check']}]" if "impl" in failure else ""

@@ -302,6 +302,9 @@ def print_report(report: dict) -> None:
     for check, known in report.get("known", {}).items():
         print(f"KNOWN: {check} failed {known['count']} times (not a new finding; lanes restart "
               f"empty after each); witness: {known['trace']}")
+    from bcr_verify.session import known_not_seen_line
+    for check in report.get("known_not_seen", []):
+        print(known_not_seen_line(check))
     for warning in report.get("vacuous_warnings", []):
         print(f"WARNING (pass may be vacuous): {warning}")
     for note in report.get("notes", []):

@@ -73,7 +73,8 @@ def campaign_row(release: str, block_size: int, options, workdir: Path, progress
             "steps": data.get("steps"), "hits": radix.get("hits"),
             "evictions": radix.get("evictions"), "generation": notes.get("generation"),
             "stand_ins": notes.get("stand_ins", []), "not_checked": notes.get("not_checked", []),
-            "known": data.get("known", {})}
+            "known": data.get("known", {}), "known_not_seen": data.get("known_not_seen", []),
+            "vacuous_warnings": data.get("vacuous_warnings", [])}
 
 
 def replay_row(release: str, trace: str, options, progress=None) -> dict:
@@ -94,6 +95,8 @@ def table(rows: list[dict]) -> str:
         notes += [f"stand-in: {s['package']}" for s in r.get("stand_ins", [])]
         notes += [f"not checked: {n.split(' (')[0]}" for n in r.get("not_checked", [])]
         notes += [f"known: {k} x{v['count']}" for k, v in r.get("known", {}).items()]
+        notes += [f"known, not seen: {k}" for k in r.get("known_not_seen", [])]
+        notes += [f"may be vacuous: {w.split(', so ')[0]}" for w in r.get("vacuous_warnings", [])]
         if r.get("why"):
             notes.append(r["why"][:160])
         trace = f"{r['trace_steps']} steps: {Path(r['trace']).name}" if r.get("trace") else "-"

@@ -32,7 +32,7 @@ from bcr_verify.lockstep import (
     DEFAULT_SHRINK_SECONDS, BudgetSpent, ShrinkCapReached, StepBudget,
 )
 from bcr_verify.machine import LockstepMachine
-from bcr_verify.session import TOTALS, vacuity_warnings
+from bcr_verify.session import TOTALS, known_not_seen, vacuity_warnings
 from bcr_verify.trace import Trace
 
 STEPS_PER_EXAMPLE = 50
@@ -115,7 +115,8 @@ class RunResult:
             if self.seconds else 0.0,
             "vacuous_warnings": self.warnings, "notes": self.notes, **self.totals,
             "failure": self.failure.failure if self.failure else None,
-            "trace": self.trace_path, "known": self.known, "counts": COUNTS,
+            "trace": self.trace_path, "known": self.known,
+            "known_not_seen": known_not_seen(self.config.known, self.known), "counts": COUNTS,
             "provenance": self.provenance,
         }
 

@@ -209,6 +209,18 @@ def vacuity_warnings(totals: dict, implementations: dict[str, str]) -> list[str]
     return warnings
 
 
+def known_not_seen(known: Sequence[str], found: dict) -> list[str]:
+    """The checks given as known that never failed in what ran: fixed where this ran, or not
+    the name a failure shows in [brackets]. Said out loud, so a misspelt ``--known`` does not
+    pass as a search that looked past that failure."""
+    return [check for check in dict.fromkeys(known) if check not in found]
+
+
+def known_not_seen_line(check: str) -> str:
+    return (f"KNOWN, NOT SEEN: {check!r} never failed in this run: fixed here, or not the name "
+            "a failure shows in [brackets]")
+
+
 def progress_printer(stream=sys.stderr) -> Callable[[str], None]:
     """One updating line on a terminal, plain lines otherwise (CI logs)."""
     tty = stream.isatty()

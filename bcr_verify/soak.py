@@ -320,7 +320,9 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
 
     from bcr_verify.provenance import provenance
     from bcr_verify.runner import select_implementations
-    from bcr_verify.session import build_lockstep, prompt_source, vacuity_warnings
+    from bcr_verify.session import (
+        build_lockstep, known_not_seen, prompt_source, vacuity_warnings,
+    )
 
     if config.minutes is None and config.max_ops is None:
         raise UsageError("give minutes or max_ops")
@@ -558,6 +560,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         "rules": dict(rules), "flushes": flushes, "invariant_checks": lockstep.checks,
         "rejected_requests": lockstep.rejected,
         "known": known_witnesses,
+        "known_not_seen": known_not_seen(config.known, known_witnesses),
         "overhead": {
             "wall_seconds": round(elapsed, 3),
             "raw_implementation_op_seconds": round(raw_op, 3),
@@ -666,6 +669,7 @@ def summary(report: dict) -> str:
         f"(implementation self-checks {o['implementation_self_check_seconds']} s)",
     ]
     from bcr_verify.cli import events_lines
+    from bcr_verify.session import known_not_seen_line
     from bcr_verify.shape import shape_line
     lines.append(shape_line(report.get("tree_shape", {})))
     lines += events_lines(report.get("events"))
@@ -696,6 +700,7 @@ def summary(report: dict) -> str:
         lines.append(f"KNOWN: {check} failed {found['count']:,} times (not a new finding; the "
                      f"caches were flushed after each); a {found['steps']}-step witness: "
                      f"{found['trace']}")
+    lines += [known_not_seen_line(check) for check in report.get("known_not_seen", [])]
     lines += [f"WARNING (pass may be vacuous): {w}" for w in report.get("vacuous_warnings", [])]
     verdict = report["verdict"]
     if verdict == "fail" and report["failure"]:

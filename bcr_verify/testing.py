@@ -450,7 +450,7 @@ class PrefixCacheConformance:
 
     def test_lockstep(self, bcr_block_size, bcr_shard, request):
         from bcr_verify.pytest_plugin import current_options
-        from bcr_verify.session import vacuity_warnings
+        from bcr_verify.session import known_not_seen, known_not_seen_line, vacuity_warnings
 
         opts = current_options()
         impls = [self.reference, self.implementation_spec(), *opts.implementations]
@@ -499,6 +499,7 @@ class PrefixCacheConformance:
         lines += [f"WARNING (pass may be vacuous): {w}" for w in vacuity_warnings(totals, {})]
         lines += [f"known failure {check!r} hit {found['count']} times; witness {found['trace']}"
                   for check, found in result["known"].items()]
+        lines += [known_not_seen_line(check) for check in known_not_seen(known, result["known"])]
         if budget is not None:
             lines.append(f"{result['rounds']} rounds, {result['examples']} examples in "
                          f"{result['seconds']} s (budget {budget:g} s)")

@@ -81,12 +81,14 @@ def test_tokenizer_reports_the_bpe_prefix_effect():
 def test_known_check_is_counted_with_a_witness_and_the_search_goes_on(tmp_path):
     out = cli("run", "--impl", "reference", "--impl", "broken_caches:off_by_one_match",
               "--block-size", "1", "--max-steps", "300", "--quiet", "--known", "match",
-              "--trace-dir", str(tmp_path), "--json", str(tmp_path / "r.json"))
+              "--known", "no such check", "--trace-dir", str(tmp_path), "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["verdict"] == "pass" and report["steps"] == 300
     known = report["known"]["match"]
     assert known["count"] >= 1 and "KNOWN: match" in out.stdout
+    assert report["known_not_seen"] == ["no such check"]  # a misspelt --known is said out loud
+    assert "KNOWN, NOT SEEN: 'no such check' never failed in this run" in out.stdout
     again = cli("replay", known["trace"])
     assert again.returncode == 1 and "[match]" in again.stdout
 

@@ -182,7 +182,7 @@ def test_known_marker_counts_the_known_bug_and_passes(project):
         from bcr_verify.testing import PrefixCacheConformance
         import mycache
 
-        @pytest.mark.bcr_known("match")
+        @pytest.mark.bcr_known("match", "no such check")
         class TestKnown(PrefixCacheConformance):
             make_cache = staticmethod(mycache.make_buggy)
     """))
@@ -190,6 +190,7 @@ def test_known_marker_counts_the_known_bug_and_passes(project):
                      "-rA")
     assert out.returncode == 0, out.stdout[-3000:]
     assert "known failure 'match' hit" in out.stdout
+    assert "KNOWN, NOT SEEN: 'no such check'" in out.stdout
     assert list((project / "found").glob("match-*.json"))
 
 

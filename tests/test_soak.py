@@ -82,13 +82,15 @@ def test_a_known_check_is_counted_and_the_soak_goes_on(tmp_path):
     """As ``make verify`` passes vLLM's per-copy BlockRemoved: here a cache that drops a block
     of long inserts fails the 'eviction' check again and again."""
     result = soak(SoakConfig(implementations=["reference", "faulty_caches:loses_a_block"],
-                             minutes=None, max_ops=3000, known=("eviction",),
+                             minutes=None, max_ops=3000, known=("eviction", "no such check"),
                              trace_dir=str(tmp_path)))
     r = result.report
     known = r["known"]["eviction"]
     assert known["count"] >= 2  # found, the caches flushed, and found again
     assert r["found_as"] is None or r["found_as"]["check"] != "eviction"
     assert f"KNOWN: eviction failed {known['count']:,} times" in summary(r)
+    assert r["known_not_seen"] == ["no such check"]
+    assert "KNOWN, NOT SEEN: 'no such check'" in summary(r)
     witness = Trace.load(known["trace"])
     assert len(witness.steps) == known["steps"] and witness.failure["check"] == "eviction"
     failure, _ = replay(witness)

@@ -86,7 +86,7 @@ def test_sigterm_reaches_every_worker_and_the_merged_report_is_written(tmp_path)
 
 
 ARGS = types.SimpleNamespace(seed=0, minutes=1.0, ops=None, impls=["reference"], block_size=16,
-                             workload="mixed", shape="mixed")
+                             workload="mixed", shape="mixed", known=None)
 """The campaign's own arguments, for merging reports made up here."""
 
 
@@ -128,6 +128,21 @@ def test_a_failure_first_seen_as_another_check_says_so():
     same = campaign.merge([_worker(0, 1)], [dict(failed, found_as=failed["failure"])], False,
                           3.0, ARGS)
     assert "saw it first" not in campaign.summary(same)
+
+
+def test_known_checks_are_summed_over_workers_and_one_none_saw_is_said():
+    def passed(known):
+        return {"verdict": "pass", "lockstep_operations": 10, "implementation_operations": 10,
+                "ops_per_second": 5.0, "seconds": 2.0, "invariant_checks": 1, "known": known}
+    hits = {"sizes": {"count": 2, "steps": 9, "trace": "a.json"}}
+    args = types.SimpleNamespace(**dict(vars(ARGS), known=["sizes", "no such check"]))
+    report = campaign.merge([_worker(0, 0), _worker(1, 0)],
+                            [passed(hits), passed({"sizes": dict(hits["sizes"], steps=4,
+                                                                 trace="b.json")})],
+                            False, 3.0, args)
+    assert report["known"]["sizes"] == {"count": 4, "steps": 4, "trace": "b.json"}
+    assert report["known_not_seen"] == ["no such check"]
+    assert "KNOWN, NOT SEEN: 'no such check'" in campaign.summary(report)
 
 
 def test_every_soak_option_reaches_the_workers_or_the_campaign():
