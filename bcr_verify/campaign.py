@@ -385,7 +385,8 @@ def summary(report: dict) -> str:
                      f"{failure['detail']}")
         seen = seen_first_as(failure, f["found_as"])
         if seen:
-            lines.append(f"(the worker saw it first as {seen['kind']} [{seen['check']}], the "
+            lines.append(f"(the worker saw it first as {seen['kind']} in {seen['impl']} "
+                         f"[{seen['check']}], the "
                          "name --known takes)")
         if f["trace"]:
             try:

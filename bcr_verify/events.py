@@ -118,6 +118,13 @@ class EventsOracle(Observer):
             lane.shadow.changes = []
             self.lanes.append(LaneEvents(lane, worker, self.dynamo))
 
+    def renew(self, lanes) -> None:
+        stats = {s.lane.name: s.stats for s in self.lanes}
+        self.lanes, self.silent = [], []
+        self.attach(lanes)
+        for s in self.lanes:
+            s.stats = stats.get(s.lane.name, s.stats)
+
     def after_step(self, op: str, args: dict) -> None:
         tokens = args.get("tokens")
         probe = self._probe(tokens) if tokens is not None and self.lanes else None

@@ -162,10 +162,10 @@ class CallTimes:
         return sum(self.calls[METHODS.index(m)] for m in methods)
 
 
-def guard(adapter, lane_index: int) -> None:
+def guard(adapter, lane_index: int, times: CallTimes | None = None) -> None:
     """Wrap ``adapter``'s methods in place so each call reports as described above, and time
-    them into ``adapter.call_times``."""
-    adapter.call_times = CallTimes()
+    them into ``adapter.call_times``: ``times`` (an adapter's this one replaces) or new ones."""
+    adapter.call_times = CallTimes() if times is None else times
     for code, name in enumerate(METHODS):
         original = getattr(adapter, name, None)
         if original is None:

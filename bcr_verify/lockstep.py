@@ -152,15 +152,19 @@ class LaneStats:
 
 class Lane:
     def __init__(self, adapter: CacheAdapter):
-        self.adapter = adapter
         self.name = adapter.name
         self.contract = adapter.contract
         self.block_size = self.contract.block_size
-        self.shadow = ReferenceCache(self.block_size)
         self.lazy = self.contract.eviction == "lazy"
+        self.stats = LaneStats()
+        self.start(adapter)
+
+    def start(self, adapter: CacheAdapter) -> None:
+        """Run on ``adapter``, a cache as fresh as its model and its pool."""
+        self.adapter = adapter
+        self.shadow = ReferenceCache(self.block_size)
         self.queue = FreeQueue(adapter.capacity_pages) if self.lazy else None
         self.held: set[int] = set()
-        self.stats = LaneStats()
 
     def diverge(self, check: str, detail: str) -> Divergence:
         return Divergence(self.name, check, detail)
@@ -188,6 +192,12 @@ class Observer:
 
     def on_reset(self, lane: str) -> None:
         """Called when a lane's cache and allocator are emptied."""
+
+    def renew(self, lanes: list) -> None:
+        """Called when every lane starts again on a fresh cache (:meth:`Lockstep.renew`);
+        by default, as a flush of each."""
+        for lane in lanes:
+            self.on_reset(lane.name)
 
     def report(self) -> dict:
         return {}
@@ -320,6 +330,26 @@ class Lockstep:
                     observer.on_reset(lane.name)
             self.comparable = True
         self._step("reset", {}, run)
+
+    def renew(self, adapters: Sequence[CacheAdapter]) -> None:
+        """Every lane starts again on a fresh cache, ``adapters`` built as the lanes' own were,
+        in the same order; the counts (each lane's, the calls' times, the observers') go on.
+
+        A soak does this after a known failure (``--known``) rather than a flush: the failure
+        may have stopped a step part-way, a request ended in some lanes and still held in the
+        rest, an observer's events of the step unjudged, and a flush would carry that into
+        what follows as a false alarm. Fresh caches are also what a trace replays on."""
+        names = [a.name for a in adapters]
+        if names != [lane.name for lane in self.lanes]:
+            raise UsageError(f"adapters: renew needs {[l.name for l in self.lanes]}, got {names}")
+        for index, (lane, adapter) in enumerate(zip(self.lanes, adapters)):
+            guard(adapter, index, lane.adapter.call_times)
+            lane.start(adapter)
+        self.requests.clear()
+        self.comparable = True
+        for observer in self.observers:
+            observer.renew(self.lanes)
+        self.forget_steps()
 
     @property
     def executed(self) -> int:

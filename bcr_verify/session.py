@@ -30,15 +30,7 @@ def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pag
     """Lanes for ``implementations`` (names or ``module:attr``) sharing one configuration;
     ``events``: each built with its KV-cache event stream on, checked by
     :class:`~bcr_verify.events.EventsOracle`."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise UsageError(f"block_size must be a positive int, got {block_size!r}")
-    if not implementations:
-        raise UsageError("implementations: name at least one (see `bcr-verify impls`)")
-    try:
-        adapters = [resolve(name).build(block_size, capacity_pages, events)
-                    for name in implementations]
-    except AdapterUnavailable as exc:  # available, but not with what was asked of it
-        raise SetupError(f"impl: {exc}") from None
+    adapters = build_adapters(implementations, block_size, capacity_pages, events)
     observers = []
     if events:
         from bcr_verify.events import EventsOracle
@@ -51,6 +43,21 @@ def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pag
               "events": events}
     return Lockstep(adapters, check_every=check_every, observers=observers,
                     op_timeout=op_timeout, origin=origin, budget=budget, strict_lru=strict_lru)
+
+
+def build_adapters(implementations: Sequence[str], block_size: int, capacity_pages: int,
+                   events: bool = False) -> list:
+    """A fresh cache of each of ``implementations``, as :func:`build_lockstep` builds its
+    lanes' (and :meth:`Lockstep.renew` takes them)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise UsageError(f"block_size must be a positive int, got {block_size!r}")
+    if not implementations:
+        raise UsageError("implementations: name at least one (see `bcr-verify impls`)")
+    try:
+        return [resolve(name).build(block_size, capacity_pages, events)
+                for name in implementations]
+    except AdapterUnavailable as exc:  # available, but not with what was asked of it
+        raise SetupError(f"impl: {exc}") from None
 
 
 @functools.lru_cache(maxsize=1)

@@ -321,7 +321,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     from bcr_verify.provenance import provenance
     from bcr_verify.runner import select_implementations
     from bcr_verify.session import (
-        build_lockstep, known_not_seen, prompt_source, vacuity_warnings,
+        build_adapters, build_lockstep, known_not_seen, prompt_source, vacuity_warnings,
     )
 
     if config.minutes is None and config.max_ops is None:
@@ -447,10 +447,9 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                 if exc.check not in config.known:
                     raise
                 count_known(exc)
-                lockstep.reset()
+                lockstep.renew(build_adapters(impls, config.block_size, capacity, config.events))
                 running.clear()
-                flushes += 1
-                flush_window()
+                begin_at.clear()
             ops += 1
     except BudgetSpent:
         pass
@@ -644,10 +643,11 @@ def plot(report: dict, path: str) -> None:
 
 
 def seen_first_as(failure: dict, found_as: dict | None) -> dict | None:
-    """What the soak saw when that differs from the check its shrunk trace fails: the soak
-    checks invariants every ``check_every`` steps and the trace after every step, and
-    ``--known`` takes the name the soak saw."""
-    if found_as and found_as.get("check", failure.get("check")) != failure.get("check"):
+    """What the soak saw when that differs from what its shrunk trace fails (another check,
+    or another implementation): the soak checks invariants every ``check_every`` steps and
+    the trace after every step, and ``--known`` takes the name the soak saw."""
+    if found_as and any(found_as.get(key, failure.get(key)) != failure.get(key)
+                        for key in ("impl", "check")):
         return found_as
     return None
 
@@ -686,7 +686,8 @@ def summary(report: dict) -> str:
         lines.append(f"FAIL: {f['kind']} in {f['impl']} [{f['check']}]: {f['detail']}")
         seen = seen_first_as(f, report.get("found_as"))
         if seen:
-            lines.append(f"(the soak saw it first as {seen['kind']} [{seen['check']}], checking "
+            lines.append(f"(the soak saw it first as {seen['kind']} in {seen['impl']} "
+                         f"[{seen['check']}], checking "
                          f"invariants every {report['check_every']} steps, the name --known takes; "
                          "the trace checks after every step)")
         lines.append(f"trace saved: {report['trace']} (shrink: {report['shrink']})")
@@ -698,8 +699,8 @@ def summary(report: dict) -> str:
                          f"{series['limit']}; {series['slope_per_million_ops']:+} per million ops)")
     for check, found in report.get("known", {}).items():
         lines.append(f"KNOWN: {check} failed {found['count']:,} times (not a new finding; the "
-                     f"caches were flushed after each); a {found['steps']}-step witness: "
-                     f"{found['trace']}")
+                     "lanes started again on fresh caches after each); a "
+                     f"{found['steps']}-step witness: {found['trace']}")
     lines += [known_not_seen_line(check) for check in report.get("known_not_seen", [])]
     lines += [f"WARNING (pass may be vacuous): {w}" for w in report.get("vacuous_warnings", [])]
     verdict = report["verdict"]

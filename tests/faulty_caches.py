@@ -255,3 +255,17 @@ def loses_a_block_unless_even_seed(block_size):
     seed = argv[argv.index("--seed") + 1] if "--seed" in argv[:-1] else None
     healthy = seed is not None and seed.lstrip("-").isdigit() and int(seed) % 2 == 0
     return ReferenceCache(block_size) if healthy else LosesABlock(block_size)
+
+
+class MiscountsLongInserts(ReferenceCache):
+    """Reports one block too many as already cached for every insert of three blocks or more:
+    the lockstep sees it in the middle of a ``finish``, before the lanes after this one have
+    ended the request."""
+
+    def insert(self, token_ids, block_values):
+        existing = super().insert(token_ids, block_values)
+        return existing + self.block_size if len(block_values) > 2 else existing
+
+
+def miscounts_long_inserts(block_size):
+    return MiscountsLongInserts(block_size)

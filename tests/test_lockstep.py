@@ -106,6 +106,29 @@ def test_a_request_that_does_not_fit_is_rejected_in_every_lane():
     lockstep.check()
 
 
+def test_renewed_lanes_start_on_fresh_caches_and_keep_their_counts():
+    """What a soak does after a known failure: a request still running, or half-ended, is
+    gone with the old caches; hits and call times go on."""
+    def build():
+        return [resolve("reference").build(4, 16), resolve("sglang-radix").build(4, 16)]
+    lockstep = Lockstep(build())
+    lockstep.finish(lockstep.begin(list(range(8))))
+    lockstep.match(list(range(8)))
+    lockstep.begin(list(range(12)))
+    times = lockstep.lanes[1].adapter.call_times
+    calls = sum(times.calls)
+    lockstep.renew(build())
+    assert not lockstep.requests and not lockstep.steps and lockstep.executed == 4
+    assert all(not lane.held and not len(lane.shadow) for lane in lockstep.lanes)
+    assert lockstep.lanes[1].adapter.call_times is times
+    lockstep.check()
+    lockstep.match(list(range(8)))  # nothing cached any more
+    assert lockstep.lanes[0].stats.hits == 2 and lockstep.lanes[0].stats.lookups == 4
+    assert sum(times.calls) > calls
+    with pytest.raises(ValueError, match="renew needs"):
+        lockstep.renew(build()[::-1])
+
+
 def test_a_prompt_equal_to_a_remembered_one_is_still_judged_by_its_own_tokens():
     """The cut memo finds prompts by equality, and [True] == [1]: a bool prompt is refused
     by name even right after the equal int prompt ran; an int subclass is cut alike."""

@@ -123,7 +123,7 @@ def test_a_failure_first_seen_as_another_check_says_so():
                            "detail": "e"}}
     report = campaign.merge([_worker(0, 1)], [failed], False, 3.0, ARGS)
     assert report["failures"][0]["found_as"]["check"] == "sizes"
-    assert "(the worker saw it first as invariant violation [sizes], the name --known takes)" \
+    assert "(the worker saw it first as invariant violation in x [sizes], the name --known takes)" \
         in campaign.summary(report)
     same = campaign.merge([_worker(0, 1)], [dict(failed, found_as=failed["failure"])], False,
                           3.0, ARGS)
