@@ -386,8 +386,7 @@ def summary(report: dict) -> str:
         seen = seen_first_as(failure, f["found_as"])
         if seen:
             lines.append(f"(the worker saw it first as {seen['kind']} in {seen['impl']} "
-                         f"[{seen['check']}], the "
-                         "name --known takes)")
+                         f"[{seen['check']}], the name --known takes)")
         if f["trace"]:
             try:
                 lines.append(Trace.load(f["trace"]).render())

@@ -108,8 +108,8 @@ def add_impl_args(parser: argparse.ArgumentParser, faults: bool = True) -> None:
 def add_known_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--known", action="append", metavar="CHECK",
                         help="a check already known to fail here (e.g. 'sizes'): each hit is "
-                             "counted and one witness trace kept, the lanes start again on fresh caches, "
-                             "and the search goes on for others (repeatable)")
+                             "counted and one witness trace kept, the lanes start again on fresh "
+                             "caches, and the search goes on for others (repeatable)")
 
 
 def add_shrink_arg(parser: argparse.ArgumentParser) -> None:

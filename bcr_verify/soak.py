@@ -687,9 +687,9 @@ def summary(report: dict) -> str:
         seen = seen_first_as(f, report.get("found_as"))
         if seen:
             lines.append(f"(the soak saw it first as {seen['kind']} in {seen['impl']} "
-                         f"[{seen['check']}], checking "
-                         f"invariants every {report['check_every']} steps, the name --known takes; "
-                         "the trace checks after every step)")
+                         f"[{seen['check']}], checking invariants every "
+                         f"{report['check_every']} steps, the name --known takes; the trace "
+                         "checks after every step)")
         lines.append(f"trace saved: {report['trace']} (shrink: {report['shrink']})")
         lines.append(f"reproduce with: bcr-verify replay {report['trace']}")
     for key, series in report["growth"]["series"].items():

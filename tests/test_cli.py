@@ -81,7 +81,8 @@ def test_tokenizer_reports_the_bpe_prefix_effect():
 def test_known_check_is_counted_with_a_witness_and_the_search_goes_on(tmp_path):
     out = cli("run", "--impl", "reference", "--impl", "broken_caches:off_by_one_match",
               "--block-size", "1", "--max-steps", "300", "--quiet", "--known", "match",
-              "--known", "no such check", "--trace-dir", str(tmp_path), "--json", str(tmp_path / "r.json"))
+              "--known", "no such check", "--trace-dir", str(tmp_path),
+              "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["verdict"] == "pass" and report["steps"] == 300
