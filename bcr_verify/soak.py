@@ -220,13 +220,20 @@ RSS_DRIFT_FRACTION = 0.02
 COUNT_DRIFT_FRACTION = 0.25
 """Fitted growth of a bounded count (nodes, Python heap blocks) above this fraction of its mean."""
 WARMUP_FRACTION = 0.2
+WARMUP_MIN_SAMPLES = 2
+GROWTH_MIN_SAMPLES = 10
+"""Fewer samples than this are not judged. With four, as before, nothing was dropped as
+warm-up, and a run that failed after eight seconds had a line fitted through the pool's first
+filling printed as ``GROWING: rss_mb``; ten leave eight past at least two of warm-up, five
+seconds of a run at the default sampling."""
 
 
 def growth_verdict(samples: list[dict], capacity_pages: int | None = None) -> dict:
     """A fitted slope per series after warm-up, its projected drift, and a verdict.
 
-    The first ``WARMUP_FRACTION`` of samples (allocator pools, interpreter caches filling) is
-    dropped; over the rest each series gets a least-squares slope against operations. The
+    The first ``WARMUP_FRACTION`` of samples, and at least ``WARMUP_MIN_SAMPLES`` (allocator
+    pools, interpreter caches filling), are dropped; fewer than ``GROWTH_MIN_SAMPLES`` in all
+    are "too few samples"; over the rest each series gets a least-squares slope against operations. The
     drift is slope × operations in that window. RSS is "growing" when its fitted drift exceeds
     ``max(RSS_DRIFT_MB, RSS_DRIFT_FRACTION × RSS)``; a count (Python's allocated heap
     blocks, ``sys.getallocatedblocks()``: every small object a leak keeps, read in well under
@@ -237,9 +244,10 @@ def growth_verdict(samples: list[dict], capacity_pages: int | None = None) -> di
     leak keeps climbing past it. Bounded caches churning at steady state give near-zero
     slopes; a leak gives a steady positive one.
     """
-    if len(samples) < 4:
-        return {"verdict": "too few samples", "series": {}}
-    kept = samples[int(len(samples) * WARMUP_FRACTION):]
+    if len(samples) < GROWTH_MIN_SAMPLES:
+        return {"verdict": "too few samples", "samples": len(samples),
+                "needed": GROWTH_MIN_SAMPLES, "series": {}}
+    kept = samples[max(WARMUP_MIN_SAMPLES, int(len(samples) * WARMUP_FRACTION)):]
     xs = [s["ops"] for s in kept]
     span = xs[-1] - xs[0]
     series: dict[str, list[float]] = {"rss_mb": [s["rss_mb"] for s in kept],
@@ -711,8 +719,10 @@ def summary(report: dict) -> str:
         lines.append("FAIL: growth: state or memory kept growing (a leak is a finding); "
                      "see the plot (--plot) for the series")
     elif verdict == "inconclusive":
-        lines.append("INCONCLUSIVE: every check passed, but too few samples to judge growth "
-                     "(run longer, or sample more often with --sample-seconds)")
+        g = report["growth"]
+        lines.append(f"INCONCLUSIVE: every check passed, but too few samples to judge growth "
+                     f"({g['samples']} of the {g['needed']} needed: run longer, or sample more "
+                     "often with --sample-seconds)")
     elif verdict == "interrupted":
         lines.append("INTERRUPTED: no divergence in what ran, but the run did not finish")
     else:

@@ -57,6 +57,16 @@ def test_growth_verdict_flat_and_growing():
     assert "x.nodes" in nodes["verdict"]
 
 
+def test_growth_is_not_judged_from_a_few_seconds_of_warm_up():
+    """A run that failed after eight seconds had four samples, none dropped as warm-up, and
+    printed the pool's first filling as ``GROWING: rss_mb``."""
+    rising = growth_verdict(_samples([500 + 20 * i for i in range(9)], [40] * 9), 64)
+    assert rising["verdict"] == "too few samples" and rising["samples"] == 9
+    warm_then_flat = growth_verdict(_samples([400, 450] + [500] * 8, [40] * 10), 64)
+    assert warm_then_flat["verdict"] == "flat"
+    assert warm_then_flat["warmup_samples_dropped"] == 2
+
+
 def test_ddmin_finds_minimal_subset():
     items = list(range(40))
     assert ddmin(items, lambda xs: 7 in xs and 31 in xs) == [7, 31]
