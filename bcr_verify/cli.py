@@ -456,7 +456,7 @@ def side_by_side(trace, implementations=None, op_timeout=None) -> tuple[str, obj
 
     names = list(implementations or trace.implementations)
     replayed = build_lockstep(names, trace.block_size, trace.capacity_pages,
-                              kv_replay=trace.kv_replay,
+                              kv_replay=trace.kv_replay, check_every=trace.check_every,
                               op_timeout=op_timeout or DEFAULT_OP_TIMEOUT,
                               strict_lru=trace.strict_lru, events=trace.events)
     seen: dict[str, tuple[int, list[int]]] = {}

@@ -15,11 +15,12 @@ can be removed), within a time budget.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from bcr_verify.errors import UsageError, VerificationFailure
-from bcr_verify.trace import Trace
+from bcr_verify.trace import Trace, final_check
 
 ENDS = ("finish", "abort")
 
@@ -54,16 +55,34 @@ def rids_by_replay(trace: Trace) -> dict[int, int]:
     return found
 
 
-def run_abstract(trace: Trace, steps: Sequence[dict]) -> tuple[VerificationFailure | None,
-                                                               list[dict]]:
-    """Run abstract ``steps`` on fresh lanes; returns the failure (if any) and concrete steps."""
-    from bcr_verify.session import build_lockstep
+class Replayed(NamedTuple):
+    """What :func:`run_abstract` saw."""
+
+    failure: VerificationFailure | None
+    steps: list[dict]
+    """The concrete steps since the lanes last started fresh: a trace that replays alone."""
+    ran: int
+    """How many of the abstract steps ran, the failing one included."""
+    known_met: int
+    """How often a known check failed and every lane started again on a fresh cache."""
+
+
+def run_abstract(trace: Trace, steps: Sequence[dict], known: Sequence[str] = ()) -> Replayed:
+    """Run abstract ``steps`` on fresh lanes, with checks every ``trace.check_every`` steps.
+
+    A failure of a check in ``known`` is met as the soak meets it (``--known``): every lane
+    starts again on a fresh cache and the steps go on, those ending a request begun before
+    skipped. Checking after every step can meet a known failure the soak, checking every
+    ``check_every`` steps, had not yet seen; stopping there would shrink the known failure
+    in place of the soak's new one."""
+    from bcr_verify.session import build_adapters, build_lockstep
 
     lockstep = build_lockstep(trace.implementations, trace.block_size, trace.capacity_pages,
-                              kv_replay=trace.kv_replay, check_every=1,
+                              kv_replay=trace.kv_replay, check_every=trace.check_every,
                               strict_lru=trace.strict_lru, events=trace.events)
     rid_of: dict[int, int] = {}
-    for step in steps:
+    met = 0
+    for ran, step in enumerate(steps, 1):
         op = step["op"]
         try:
             if op in ENDS:
@@ -76,10 +95,18 @@ def run_abstract(trace: Trace, steps: Sequence[dict]) -> tuple[VerificationFailu
                 if op == "begin" and got is not None:
                     rid_of[step.get("index", -2)] = got
         except VerificationFailure as failure:
-            return failure, list(lockstep.steps)
+            if failure.check not in known:
+                return Replayed(failure, list(lockstep.steps), ran, met)
+            met += 1
+            lockstep.renew(build_adapters(trace.implementations, trace.block_size,
+                                          trace.capacity_pages, trace.events))
+            rid_of.clear()
         except UsageError:  # a candidate that does not apply: not the failure
-            return None, list(lockstep.steps)
-    return None, list(lockstep.steps)
+            return Replayed(None, list(lockstep.steps), ran, met)
+    failure = final_check(lockstep, trace)
+    if failure is not None and failure.check not in known:
+        return Replayed(failure, list(lockstep.steps), len(steps), met)
+    return Replayed(None, list(lockstep.steps), len(steps), met + (failure is not None))
 
 
 class Interrupted(Exception):
@@ -132,14 +159,18 @@ def ddmin(items: list, fails: Callable[[list], bool], deadline: float | None = N
 
 
 def shrink(trace: Trace, begin_index_of_rid: dict[int, int] | None = None,
-           seconds: float = 60.0, progress: Callable[[str], None] | None = None
-           ) -> tuple[Trace, dict]:
+           seconds: float = 60.0, progress: Callable[[str], None] | None = None,
+           known: Sequence[str] = ()) -> tuple[Trace, dict]:
     """A shorter trace failing the same way as ``trace``; plus how the shrink went.
 
     ``begin_index_of_rid`` maps each rid in ``trace`` to its begin step; by default it is
     found by replaying ``trace`` on fresh lanes (right for traces that start from empty lanes).
+    Candidates are checked after every step; only where that meets a known failure first and
+    the lanes, started again, never reach the failure, at ``trace.check_every`` as recorded.
     Shrinking stops after ``seconds`` (``info["capped"]``); ``progress`` hears each smaller
-    failing trace found.
+    failing trace found. A failure of a check in ``known`` is gone past as the soak goes past
+    it (:func:`run_abstract`); ``info["known_met"]`` counts those a replay checking every step
+    met, and ``info["check_every"]`` is there when the trace keeps the recorded cadence.
     """
     start = time.monotonic()
     if begin_index_of_rid is None:
@@ -147,35 +178,44 @@ def shrink(trace: Trace, begin_index_of_rid: dict[int, int] | None = None,
     steps = abstract_steps(trace.steps, begin_index_of_rid)
     for i, step in enumerate(steps):
         step["index"] = i
-    original, concrete = run_abstract(trace, steps)
+    recorded, trace = trace, dataclasses.replace(trace, check_every=1)
+    first = run_abstract(trace, steps, known)
+    tests, known_met = [1], first.known_met
+    if first.failure is None and known_met and recorded.check_every > 1:
+        trace = recorded
+        first = run_abstract(trace, steps, known)
+        tests[0] += 1
+    original = first.failure
     info = {"original_steps": len(trace.steps), "reproduced": original is not None,
-            "tests": 1}
+            "tests": tests[0], **({"known_met": known_met} if known else {}),
+            **({"check_every": trace.check_every} if trace.check_every > 1 else {})}
     if original is None:
-        info.update(shrunk_steps=len(trace.steps), seconds=round(time.monotonic() - start, 2))
-        return trace, info
+        info.update(shrunk_steps=len(recorded.steps), seconds=round(time.monotonic() - start, 2))
+        return recorded, info
     want = (original.impl, original.check)
-    tests = [1]
 
     def fails(candidate: list) -> bool:
         tests[0] += 1
-        failure, _ = run_abstract(trace, candidate)
+        failure = run_abstract(trace, candidate, known).failure
         return failure is not None and (failure.impl, failure.check) == want
 
     # Everything after the failing step is irrelevant: cut there first.
-    steps = steps[:len(concrete)]
+    steps = steps[:first.ran]
     try:
         small = ddmin(steps, fails, deadline=start + seconds, on_smaller=progress and (
             lambda n: progress(f"shrinking: a failing trace of {n} steps, {tests[0]} tried, "
                                f"{time.monotonic() - start:.0f}s of at most {seconds:g}s")))
     except Interrupted as stop:
         small, info["interrupted"] = stop.best, True
-    failure, concrete = run_abstract(trace, small)
+    last = run_abstract(trace, small, known)
+    failure, concrete = last.failure, last.steps
     if failure is None:  # budget ran out mid-way on a flaky candidate: keep the original
-        small, failure, concrete = steps, original, concrete
+        failure, concrete = original, first.steps
     shrunk = Trace(implementations=list(trace.implementations), block_size=trace.block_size,
                    capacity_pages=trace.capacity_pages, steps=concrete,
                    failure=failure.as_dict(), kv_replay=trace.kv_replay,
                    strict_lru=trace.strict_lru, events=trace.events,
+                   check_every=trace.check_every,
                    meta={**trace.meta, "shrunk_by": "ddmin",
                          "unshrunk_steps": len(trace.steps)})
     info.update(shrunk_steps=len(concrete), tests=tests[0],

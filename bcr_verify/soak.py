@@ -491,6 +491,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
         unshrunk = Trace(implementations=list(impls), block_size=config.block_size,
                          capacity_pages=capacity, steps=window, failure=failure.as_dict(),
                          strict_lru=config.strict_lru, events=config.events,
+                         check_every=config.check_every,
                          meta={"workload": config.workload, "source": "soak",
                                "seed": config.seed, "global_step": lockstep.forgotten + (failure.step or 0)})
         if isinstance(failure, FatalFinding):  # each attempt would hang again: keep it whole
@@ -503,15 +504,18 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                              f"{config.shrink_seconds:g} s; Ctrl-C keeps the smallest so far)",
                              final=True)
                 trace, shrink_info = shrink(unshrunk, begin_map, seconds=config.shrink_seconds,
-                                            progress=progress)
+                                            progress=progress, known=config.known)
             except KeyboardInterrupt:
                 trace, shrink_info = unshrunk, {"reproduced": None, "interrupted": True}
             if shrink_info.get("interrupted"):
                 interrupted = True
             if shrink_info["reproduced"] is False:
-                trace.meta["note"] = ("did not reproduce from the last flush on fresh lanes: "
-                                      "the failure depends on history before it; steps since "
-                                      "flush kept")
+                trace.meta["note"] = (
+                    "did not reproduce from the last flush on fresh lanes: the failure depends "
+                    "on history before it" + (
+                        " (or on what a known failure, met there first when checking after "
+                        "every step, left behind)" if shrink_info.get("known_met") else "")
+                    + "; steps since flush kept")
         trace_path = str(trace.save(config.trace_dir))
 
     known_witnesses = {

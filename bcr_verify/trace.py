@@ -46,6 +46,10 @@ class Trace:
     """Recorded with ``--events``: replays check the KV-cache events too."""
     versions: dict = field(default_factory=dict)
     """Implementation -> ``package==version`` it was recorded on (filled in when saved)."""
+    check_every: int = 1
+    """Invariants run after every ``check_every``-th step, as when it was recorded. A soak's
+    window whose failure reproduces only so (checking every step met a known failure first)
+    keeps the soak's cadence; anything else checks every step."""
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "implementations": self.implementations,
@@ -53,6 +57,7 @@ class Trace:
                 "kv_replay": self.kv_replay, "strict_lru": self.strict_lru,
                 "events": self.events,
                 "versions": self.versions,
+                **({"check_every": self.check_every} if self.check_every != 1 else {}),
                 "failure": self.failure, "meta": self.meta, "steps": self.steps}
 
     @classmethod
@@ -68,7 +73,8 @@ class Trace:
                         strict_lru=bool(data.get("strict_lru", False)),
                         events=bool(data.get("events", False)),
                         meta=dict(data.get("meta") or {}),
-                        versions=dict(data.get("versions") or {}))
+                        versions=dict(data.get("versions") or {}),
+                        check_every=int(data.get("check_every", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"{source}: malformed trace ({type(exc).__name__}: {exc})") from None
         bad = next((i for i, s in enumerate(trace.steps) if not isinstance(s, dict)
@@ -77,9 +83,10 @@ class Trace:
         if bad is not None:
             raise UsageError(f"{source}: malformed trace (step {bad} is not "
                              '{"op": NAME, "args": {...}})')
-        if trace.block_size < 1 or trace.capacity_pages < 1 or not trace.implementations:
+        if (trace.block_size < 1 or trace.capacity_pages < 1 or trace.check_every < 1
+                or not trace.implementations):
             raise UsageError(f"{source}: malformed trace (needs implementations, block_size "
-                             ">= 1 and capacity_pages >= 1)")
+                             ">= 1, capacity_pages >= 1 and check_every >= 1)")
         return trace
 
     @classmethod
@@ -128,7 +135,9 @@ class Trace:
         """The steps as short lines, one per step, the failing step marked."""
         failed_at = (self.failure or {}).get("step")
         lines = [f"# {', '.join(self.implementations)} | block size {self.block_size} | "
-                 f"capacity {self.capacity_pages} pages"]
+                 f"capacity {self.capacity_pages} pages" + (
+                     f" | invariants every {self.check_every} steps" if self.check_every != 1
+                     else "")]
         if self.versions:
             lines.append(f"# recorded on {', '.join(sorted(set(self.versions.values())))}")
         for i, step in enumerate(self.steps):
@@ -163,6 +172,7 @@ def replay(trace: Trace, implementations: Sequence[str] | None = None,
     lockstep = build_lockstep(
         list(implementations or trace.implementations), trace.block_size, trace.capacity_pages,
         kv_replay=trace.kv_replay if kv_replay is None else kv_replay,
+        check_every=trace.check_every,
         op_timeout=DEFAULT_OP_TIMEOUT if op_timeout is None else op_timeout,
         strict_lru=trace.strict_lru, events=trace.events)
     for index, step in enumerate(trace.steps):
@@ -172,4 +182,17 @@ def replay(trace: Trace, implementations: Sequence[str] | None = None,
             return failure, lockstep
         except UsageError as exc:
             raise UsageError(f"step {index} ({step.get('op')}): {exc}") from None
-    return None, lockstep
+    return final_check(lockstep, trace), lockstep
+
+
+def final_check(lockstep, trace: Trace) -> VerificationFailure | FatalFinding | None:
+    """The invariants once more after the last step of a trace checked every
+    ``check_every`` > 1 steps, as a soak checks before each flush and at its end; a failure
+    there is marked at the last step."""
+    if trace.check_every == 1 or not lockstep.steps:
+        return None
+    try:
+        lockstep.check()
+    except (VerificationFailure, FatalFinding) as failure:
+        return failure.at_step(len(lockstep.steps) - 1)
+    return None

@@ -269,3 +269,49 @@ class MiscountsLongInserts(ReferenceCache):
 
 def miscounts_long_inserts(block_size):
     return MiscountsLongInserts(block_size)
+
+
+class FailsItsSelfCheckWhenFull(ReferenceCache):
+    """Its self-check fails while it caches more than ``FULL`` blocks, a failure only a check
+    sees; and it drops the last block of an insert of more than ``LONG`` blocks, a divergence
+    of its own step. A soak checking every 64 steps meets the second with the first unseen
+    behind it, where a replay checking every step meets the first one first."""
+
+    FULL, LONG = 24, 20
+
+    def assert_invariants(self):
+        super().assert_invariants()
+        assert len(self) <= self.FULL, f"{len(self)} blocks cached, more than {self.FULL}"
+
+    def insert(self, token_ids, block_values):
+        if len(block_values) > self.LONG:
+            block_values = block_values[:-1]
+            token_ids = token_ids[:len(block_values) * self.block_size]
+        return super().insert(token_ids, block_values)
+
+
+def fails_its_self_check_when_full(block_size):
+    return FailsItsSelfCheckWhenFull(block_size)
+
+
+
+class FailsItsSelfCheckAfterSomeInserts(FailsItsSelfCheckWhenFull):
+    """As :class:`FailsItsSelfCheckWhenFull`, but the self-check fails only until the next
+    insert, after an insert of a multiple of three blocks: what it leaves behind is
+    harmless, so fresh lanes after it still reach the divergence."""
+
+    def __init__(self, block_size):
+        super().__init__(block_size)
+        self.odd = False
+
+    def assert_invariants(self):
+        ReferenceCache.assert_invariants(self)
+        assert not self.odd, "the last insert was of a multiple of three blocks"
+
+    def insert(self, token_ids, block_values):
+        self.odd = len(block_values) % 3 == 0
+        return super().insert(token_ids, block_values)
+
+
+def fails_its_self_check_after_some_inserts(block_size):
+    return FailsItsSelfCheckAfterSomeInserts(block_size)
