@@ -231,11 +231,13 @@ def factory_returns_int(block_size):
 
 
 class LosesABlock(ReferenceCache):
-    """Drops the last block of every insert of three blocks or more: a divergence that
+    """Drops the last block of every insert of more than ``LONG`` blocks: a divergence that
     depends on no history, so a soak's window since its last flush reproduces it."""
 
+    LONG = 2
+
     def insert(self, token_ids, block_values):
-        if len(block_values) > 2:
+        if len(block_values) > self.LONG:
             block_values = block_values[:-1]
             token_ids = token_ids[:len(block_values) * self.block_size]
         return super().insert(token_ids, block_values)
@@ -271,7 +273,7 @@ def miscounts_long_inserts(block_size):
     return MiscountsLongInserts(block_size)
 
 
-class FailsItsSelfCheckWhenFull(ReferenceCache):
+class FailsItsSelfCheckWhenFull(LosesABlock):
     """Its self-check fails while it caches more than ``FULL`` blocks, a failure only a check
     sees; and it drops the last block of an insert of more than ``LONG`` blocks, a divergence
     of its own step. A soak checking every 64 steps meets the second with the first unseen
@@ -283,16 +285,9 @@ class FailsItsSelfCheckWhenFull(ReferenceCache):
         super().assert_invariants()
         assert len(self) <= self.FULL, f"{len(self)} blocks cached, more than {self.FULL}"
 
-    def insert(self, token_ids, block_values):
-        if len(block_values) > self.LONG:
-            block_values = block_values[:-1]
-            token_ids = token_ids[:len(block_values) * self.block_size]
-        return super().insert(token_ids, block_values)
-
 
 def fails_its_self_check_when_full(block_size):
     return FailsItsSelfCheckWhenFull(block_size)
-
 
 
 class FailsItsSelfCheckAfterSomeInserts(FailsItsSelfCheckWhenFull):
