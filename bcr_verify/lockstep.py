@@ -358,9 +358,12 @@ class Lockstep:
 
     def forget_steps(self) -> None:
         """Drop the step record, e.g. after a flush, when lanes are empty and a trace of what
-        follows replays from here; long drivers call it so memory stays flat."""
+        follows replays from here; long drivers call it so memory stays flat. Request ids
+        start again from 0 with the record, as a replay of it hands them out."""
         self.forgotten += len(self.steps)
         self.steps.clear()
+        if not self.requests:
+            self.next_rid = 0
         if self.journal:
             self.journal.fresh(self.origin)
 

@@ -523,7 +523,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                 "trace": str(Trace(implementations=list(impls), block_size=config.block_size,
                                    capacity_pages=capacity, steps=found["witness"],
                                    failure=found["failure"], strict_lru=config.strict_lru,
-                                   events=config.events,
+                                   events=config.events, check_every=config.check_every,
                                    meta={"workload": config.workload, "source": "soak",
                                          "seed": config.seed, "known": True}
                                    ).save(config.trace_dir))}

@@ -129,6 +129,19 @@ def test_renewed_lanes_start_on_fresh_caches_and_keep_their_counts():
         lockstep.renew(build()[::-1])
 
 
+def test_request_ids_start_again_with_the_record_as_a_replay_hands_them_out():
+    """A soak saves the steps since its last flush or renewal as a trace (a known failure's
+    witness, a crash, a window that did not shrink); a replay numbers requests from 0, so
+    the record does too, or the trace's first ``finish`` names a request it never began."""
+    lockstep = Lockstep([resolve("reference").build(4, 16)])
+    lockstep.finish(lockstep.begin(list(range(8))))
+    lockstep.reset()
+    lockstep.forget_steps()
+    assert lockstep.begin(list(range(8))) == 0
+    lockstep.forget_steps()  # a request still running keeps its id, and the next one its own
+    assert lockstep.begin(list(range(4))) == 1
+
+
 def test_a_prompt_equal_to_a_remembered_one_is_still_judged_by_its_own_tokens():
     """The cut memo finds prompts by equality, and [True] == [1]: a bool prompt is refused
     by name even right after the equal int prompt ran; an int subclass is cut alike."""

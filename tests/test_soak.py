@@ -107,6 +107,20 @@ def test_a_known_check_is_counted_and_the_soak_goes_on(tmp_path):
     assert failure is not None
 
 
+def test_a_known_failures_witness_replays_as_the_soak_met_it(tmp_path):
+    """Seed 3's shortest window began after a renewal: its request ids went on from the
+    soak's (the witness's first ``finish`` named request 6, and its replay was refused), and
+    replayed checking every step it failed ``sizes`` first."""
+    r = soak(SoakConfig(implementations=["reference", "faulty_caches:loses_a_block"], seed=3,
+                        minutes=None, max_ops=3000, known=("eviction",),
+                        trace_dir=str(tmp_path))).report
+    witness = Trace.load(r["known"]["eviction"]["trace"])
+    assert witness.check_every == 64
+    assert [s["args"]["rid"] for s in witness.steps if s["op"] == "finish"] == [0]
+    failure, _ = replay(witness)
+    assert failure is not None and failure.check == "eviction"
+
+
 def test_a_known_failure_part_way_through_a_step_raises_no_false_alarm_after_it(tmp_path):
     """The faulty lane fails its ``finish`` before the lanes after it have ended the request,
     and its events oracle has not judged theirs: a flush carried that over (pool conservation
