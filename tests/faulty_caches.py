@@ -118,6 +118,16 @@ class ExitsTheProcess(_Faulty):
         os._exit(3)
 
 
+class ExitsOnALongInsert(ReferenceCache):
+    """Exits the process on an insert of exactly 23 blocks, whatever came before: in a soak
+    that is long after its first flush, so the journal since the flush is the trace."""
+
+    def insert(self, token_ids, block_values):
+        if len(block_values) == 23:
+            os._exit(3)
+        return super().insert(token_ids, block_values)
+
+
 class DeepRecursion(_Faulty):
     def _fault(self):
         def descend(depth):
@@ -195,6 +205,10 @@ def segfaults(block_size):
 
 def exits_the_process(block_size):
     return ExitsTheProcess(block_size)
+
+
+def exits_on_a_long_insert(block_size):
+    return ExitsOnALongInsert(block_size)
 
 
 def deep_recursion(block_size):

@@ -144,6 +144,15 @@ def test_crash_is_survived_and_its_steps_saved(tmp_path, impl, how):
     assert_replays(saved_trace(out.stdout), kind="implementation crashed", check=how)
 
 
+def test_a_soak_crash_after_a_flush_leaves_a_trace_that_replays(tmp_path):
+    """The journal holds the steps since the last flush; their request ids went on from the
+    soak's count (the first ``finish`` named request 639), and replay refused the trace."""
+    out = cli("soak", "--impl", "reference", "--impl", F + "exits_on_a_long_insert",
+              "--ops", "5000", "--quiet", "--trace-dir", str(tmp_path))
+    assert out.returncode == 1 and "exit status 3" in out.stdout, out.stdout + out.stderr
+    assert_replays(saved_trace(out.stdout), kind="implementation crashed", check="exit status 3")
+
+
 def test_soak_raise_is_shrunk_and_saved(tmp_path):
     out = cli("soak", "--impl", F + "rejects_empty_prompt", "--ops", "20000", "--quiet",
               "--trace-dir", str(tmp_path))
