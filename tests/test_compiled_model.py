@@ -43,7 +43,7 @@ MIXES = {
     "copies": ("insert", "insert", "match", "acquire", "release", "evict_copy", "reset", "bad"),
 }
 """SGLang's way (LRU and subtree eviction) and vLLM's (duplicate copies, evicted one by one):
-no contract mixes the two, and the model leaves their mix undefined (a block hollowed by
+no contract mixes the two, and the model refuses their mix (a block hollowed by
 ``evict_copy`` is not something ``evict_lru`` or ``evict`` expect to find)."""
 
 

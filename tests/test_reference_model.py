@@ -84,6 +84,25 @@ def test_block_size_is_validated():
         ReferenceCache(1.5)
 
 
+def test_whole_block_eviction_after_single_copies_is_refused_until_a_reset():
+    """vLLM evicts one copy at a time and SGLang whole blocks and what lies below them; no
+    contract mixes the two. Mixed, ``evict_lru`` raised ``KeyError`` under the block that
+    ``evict_copy`` had hollowed, and ``evict`` left it hollow with nothing below it."""
+    c = ReferenceCache(1)
+    c.insert([1, 2, 3], [10, 20, 30])
+    c.evict_copy(10)  # block 1 is hollow now, blocks 2 and 3 still cached below it
+    before = c.clock, c.values(), c.cached_blocks([1, 2, 3])
+    for call, method in [(lambda: c.evict_lru(1), "LRU eviction"), (lambda: c.evict(20), "evict"),
+                         (lambda: c.apply_lru_eviction([30], 1), "apply_lru_eviction")]:
+        with pytest.raises(ValueError, match=f"{method}: this model has evicted single copies"):
+            call()
+        assert (c.clock, c.values(), c.cached_blocks([1, 2, 3])) == before
+    c.reset()
+    c.insert([1, 2, 3], [10, 20, 30])
+    assert c.evict_lru(1) == [30]
+    c.assert_invariants()
+
+
 def test_lru_eviction_is_oldest_unpinned_leaf_first():
     c = ReferenceCache(1)
     c.insert([1, 2], [1, 2])

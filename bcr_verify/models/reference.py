@@ -124,6 +124,7 @@ class ReferenceCache:
         self._root_children: dict[BlockKey, Block] = {}
         self._by_value: dict[Hashable, Block] = {}
         self._pinned = 0  # copies with a reference; protected_tokens is read on every admission
+        self._copies_evicted = False  # see _whole_blocks
         self.changes: list[tuple] | None = None
         """When a list: every copy cached ``("+", block, value)`` and every copy dropped
         ``("-", block, value)``, in order, and ``("clear",)`` for a flush, for an observer
@@ -185,6 +186,7 @@ class ReferenceCache:
     def lru_victims(self, num_tokens: Any) -> list[Hashable]:
         """What this model evicts for ``evict_lru(num_tokens)``, in eviction order."""
         self._check_count(num_tokens, "num_tokens")
+        self._whole_blocks("LRU eviction")
         children_left = {b: len(b.children) for b in self._by_value.values()}  # by identity
         leaves = list(dict.fromkeys(b for b in self._by_value.values()
                                     if not b.children and b.refs == 0))
@@ -285,6 +287,7 @@ class ReferenceCache:
     def evict(self, block_value: Hashable) -> list[Hashable]:
         """Remove ``block_value`` and everything cached below it; returns the removed values."""
         block = self._block(block_value, "block_value")
+        self._whole_blocks("evict")
         doomed = self._subtree(block)
         busy = [v for b in doomed for v, refs in b.copies.items() if refs]
         if busy:
@@ -304,6 +307,7 @@ class ReferenceCache:
             raise ValueError(f"value {value!r} cannot be evicted: a running request holds it")
         del block.copies[value]
         del self._by_value[value]
+        self._copies_evicted = True
         if self.changes is not None:
             self.changes.append(("-", block, value))
         empty: Block | None = block
@@ -339,6 +343,7 @@ class ReferenceCache:
         self._root_children.clear()
         self._by_value.clear()
         self._pinned = 0
+        self._copies_evicted = False
         if self.changes is not None:
             self.changes.append(("clear",))
 
@@ -365,6 +370,7 @@ class ReferenceCache:
         a caller can count them, or refuse them (``--strict-lru``).
         """
         self._check_count(num_tokens, "num_tokens")
+        self._whole_blocks("apply_lru_eviction")
         freed = list(freed)
         if len(set(freed)) != len(freed):
             raise ValueError("freed the same block twice")
@@ -483,6 +489,15 @@ class ReferenceCache:
                 raise TypeError(f"{name}[{i}] must be an int, got {type(t).__name__}")
             if t < 0:
                 raise ValueError(f"{name}[{i}] must be >= 0, got {t}")
+
+    def _whole_blocks(self, method: str) -> None:
+        """Refuse a whole-block eviction after :meth:`evict_copy`. The two are two engines'
+        ways (a radix cache evicts blocks and what lies below them, an engine with duplicate
+        copies evicts one copy at a time) and their mix is left undefined: a block hollowed
+        by ``evict_copy`` is neither cached nor gone."""
+        if self._copies_evicted:
+            raise ValueError(f"{method}: this model has evicted single copies (evict_copy); "
+                             "it evicts whole blocks only from empty or after reset()")
 
     @staticmethod
     def _check_count(n: Any, name: str) -> None:
