@@ -453,6 +453,7 @@ def side_by_side(trace, implementations=None, op_timeout=None) -> tuple[str, obj
     from bcr_verify.errors import FatalFinding, VerificationFailure
     from bcr_verify.guard import DEFAULT_OP_TIMEOUT
     from bcr_verify.session import build_lockstep
+    from bcr_verify.trace import final_check
 
     names = list(implementations or trace.implementations)
     replayed = build_lockstep(names, trace.block_size, trace.capacity_pages,
@@ -466,7 +467,9 @@ def side_by_side(trace, implementations=None, op_timeout=None) -> tuple[str, obj
             seen[_name] = (got.length, list(got.pages))
             return got
         lane.adapter.match = spy
-    header = [f"# block size {trace.block_size} | capacity {trace.capacity_pages} pages"]
+    header = [f"# block size {trace.block_size} | capacity {trace.capacity_pages} pages" + (
+        f" | invariants every {trace.check_every} steps and after the last, as recorded"
+        if trace.check_every != 1 else "")]
     rows = [["step", "operation", *[lane.name for lane in replayed.lanes]]]
     failure = None
     for i, step in enumerate(trace.steps):
@@ -493,6 +496,11 @@ def side_by_side(trace, implementations=None, op_timeout=None) -> tuple[str, obj
         rows.append([str(i), _step_text(step), *cells])
         if failure is not None:
             break
+    if failure is None:
+        failure = final_check(replayed, trace)
+        if failure is not None:
+            rows.append(["end", "invariants", *[f"FAIL {failure.check}" if lane.name ==
+                                                failure.impl else "" for lane in replayed.lanes]])
     widths = [min(48, max(len(r[c]) for r in rows)) for c in range(len(rows[0]))]
     lines = header + ["  ".join(cell[:w].ljust(w) for cell, w in zip(row, widths)).rstrip()
                       for row in rows]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from bcr_verify.cli import side_by_side
 from bcr_verify.shrink import ddmin
 from bcr_verify.soak import SoakConfig, growth_verdict, plot, soak, summary
 from bcr_verify.trace import Trace, replay
@@ -137,15 +138,19 @@ def test_a_known_failure_part_way_through_a_step_raises_no_false_alarm_after_it(
     assert "lanes started again on fresh caches after each" in summary(r)
 
 
-@pytest.mark.parametrize("cache, cadence", [("after_some_inserts", 1), ("when_full", 64)])
-def test_shrinking_goes_past_a_known_failure_the_soak_had_not_seen(tmp_path, cache, cadence):
+@pytest.mark.parametrize("cache, seed, cadence", [
+    ("after_some_inserts", 2, 1), ("when_full", 2, 64),
+    ("after_some_inserts", 8, 64),  # found by the check after the last step
+])
+def test_shrinking_goes_past_a_known_failure_the_soak_had_not_seen(tmp_path, cache, seed,
+                                                                   cadence):
     """Checking after every step, the shrinker meets the known self-check failure before the
     soak's new one (which the soak, checking every 64 steps, met first). It goes past it on
     fresh lanes as the soak does; where the new failure needs what the known one left behind,
     the trace keeps the soak's cadence. Before, the trace saved was the known failure's."""
     result = soak(SoakConfig(
         implementations=["reference", f"faulty_caches:fails_its_self_check_{cache}"],
-        minutes=None, max_ops=3000, seed=2, known=("assert_invariants",),
+        minutes=None, max_ops=3000, seed=seed, known=("assert_invariants",),
         trace_dir=str(tmp_path)))
     r = result.report
     assert r["shrink"]["reproduced"] and r["shrink"]["known_met"] >= 1, r["shrink"]
@@ -155,6 +160,8 @@ def test_shrinking_goes_past_a_known_failure_the_soak_had_not_seen(tmp_path, cac
     assert (f"invariants every {cadence} steps" in trace.render()) == (cadence > 1)
     failure, _ = replay(trace)
     assert failure is not None and failure.check == r["failure"]["check"]
+    text, shown = side_by_side(trace)  # what `bcr-verify replay` prints
+    assert shown is not None and shown.check == r["failure"]["check"], text
 
 
 def test_deep_shape_grows_one_long_chain_and_fans_out(tmp_path):
