@@ -664,6 +664,31 @@ def seen_first_as(failure: dict, found_as: dict | None) -> dict | None:
     return None
 
 
+def shrink_text(info: dict) -> str:
+    """How the soak's window became the saved trace, in words (the JSON keeps the numbers)."""
+    if info.get("skipped"):
+        return f"kept whole: every replay would end the same way ({info['skipped']})"
+    if info["reproduced"] is None:
+        return "kept whole: interrupted before shrinking"
+    if not info["reproduced"]:
+        return (f"kept whole, {info['shrunk_steps']} steps: the window did not fail again on "
+                "fresh lanes")
+    text = (f"shrunk from {info['original_steps']:,} to {info['shrunk_steps']} steps in "
+            f"{info['seconds']:g} s, {info['tests']:,} replays")
+    if info.get("capped") or info.get("interrupted"):
+        text += ", stopped early (" + ("interrupted" if info.get("interrupted") else
+                                       "its time cap") + "): the smallest found so far"
+    met = info.get("known_met")
+    if info.get("check_every"):
+        text += ("; checking every step met a known failure first, and on fresh lanes after it "
+                 f"this one never came, so invariants run every {info['check_every']} steps, "
+                 "as the soak checked them")
+    elif met:
+        text += (f"; went past a known failure {met} time{'s' if met > 1 else ''} on fresh "
+                 "lanes, as the soak does")
+    return text
+
+
 def summary(report: dict) -> str:
     o = report["overhead"]
     lines = [
@@ -702,7 +727,7 @@ def summary(report: dict) -> str:
                          f"[{seen['check']}], checking invariants every "
                          f"{report['check_every']} steps, the name --known takes; the trace "
                          "checks after every step)")
-        lines.append(f"trace saved: {report['trace']} (shrink: {report['shrink']})")
+        lines.append(f"trace saved: {report['trace']} ({shrink_text(report['shrink'])})")
         lines.append(f"reproduce with: bcr-verify replay {report['trace']}")
     for key, series in report["growth"]["series"].items():
         if series["growing"]:

@@ -6,7 +6,7 @@ import pytest
 
 from bcr_verify.cli import side_by_side
 from bcr_verify.shrink import ddmin
-from bcr_verify.soak import SoakConfig, growth_verdict, plot, soak, summary
+from bcr_verify.soak import SoakConfig, growth_verdict, plot, shrink_text, soak, summary
 from bcr_verify.trace import Trace, replay
 
 
@@ -66,6 +66,20 @@ def test_growth_is_not_judged_from_a_few_seconds_of_warm_up():
     warm_then_flat = growth_verdict(_samples([400, 450] + [500] * 8, [40] * 10), 64)
     assert warm_then_flat["verdict"] == "flat"
     assert warm_then_flat["warmup_samples_dropped"] == 2
+
+
+@pytest.mark.parametrize("info, words", [
+    ({"reproduced": None, "skipped": "implementation hung"},
+     "kept whole: every replay would end the same way (implementation hung)"),
+    ({"reproduced": None, "interrupted": True}, "kept whole: interrupted before shrinking"),
+    ({"reproduced": False, "original_steps": 12, "shrunk_steps": 12},
+     "kept whole, 12 steps: the window did not fail again on fresh lanes"),
+    ({"reproduced": True, "original_steps": 1200, "shrunk_steps": 4, "seconds": 30.0,
+      "tests": 2000, "capped": True},
+     "shrunk from 1,200 to 4 steps in 30 s, 2,000 replays, stopped early (its time cap)"),
+])
+def test_the_summary_says_how_the_window_became_the_trace(info, words):
+    assert shrink_text(info).startswith(words)
 
 
 def test_ddmin_finds_minimal_subset():
@@ -162,6 +176,10 @@ def test_shrinking_goes_past_a_known_failure_the_soak_had_not_seen(tmp_path, cac
     assert failure is not None and failure.check == r["failure"]["check"]
     text, shown = side_by_side(trace)  # what `bcr-verify replay` prints
     assert shown is not None and shown.check == r["failure"]["check"], text
+    said = summary(r)
+    assert f"to {len(trace.steps)} steps in" in said
+    assert ("as the soak checked them" in said) == (cadence > 1)
+    assert ("went past a known failure" in said) == (cadence == 1)
 
 
 def test_deep_shape_grows_one_long_chain_and_fans_out(tmp_path):
