@@ -46,6 +46,8 @@ def probes(tmp: Path):
     yield "crash: segfault: replay of its trace", ["replay", "@last"], 1, None
     yield "crash: os._exit(3) inside insert (run)", RUN + ["--impl", F + "exits_the_process"], 1, None
     yield "crash: os._exit(3) inside insert (soak)", ["soak", "--impl", F + "exits_the_process", "--ops", "2000", "--quiet"], 1, None
+    yield "crash: os._exit(3) on a 23-block insert, long after the first flush (soak)", ["soak", "--impl", "reference", "--impl", F + "exits_on_a_long_insert", "--ops", "5000", "--quiet"], 1, None
+    yield "crash after a flush: replay of the journal's trace", ["replay", "@last"], 1, None
     yield "leak: 16 KiB per insert (soak --minutes 0.3)", ["soak", "--impl", F + "leaks", "--minutes", "0.3", "--quiet"], 1, None
     yield "too few samples to judge growth (soak --ops 40)", ["soak", "--impl", "reference", "--ops", "40", "--quiet"], 0, None
     yield "allocator hands out a cached page (was: TypeError in the harness)", RUN + ["--impl", F + "hands_out_cached_pages"], 1, None
