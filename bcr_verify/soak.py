@@ -231,17 +231,17 @@ seconds of a run at the default sampling."""
 def growth_verdict(samples: list[dict], capacity_pages: int | None = None) -> dict:
     """A fitted slope per series after warm-up, its projected drift, and a verdict.
 
-    The first ``WARMUP_FRACTION`` of samples, and at least ``WARMUP_MIN_SAMPLES`` (allocator
-    pools, interpreter caches filling), are dropped; fewer than ``GROWTH_MIN_SAMPLES`` in all
-    are "too few samples"; over the rest each series gets a least-squares slope against operations. The
-    drift is slope × operations in that window. RSS is "growing" when its fitted drift exceeds
-    ``max(RSS_DRIFT_MB, RSS_DRIFT_FRACTION × RSS)``; a count (Python's allocated heap
-    blocks, ``sys.getallocatedblocks()``: every small object a leak keeps, read in well under
-    a millisecond where counting ``gc.get_objects()`` took ~110 ms a sample) when its drift
-    exceeds ``COUNT_DRIFT_FRACTION`` × its mean + 2, and a lane's
-    live nodes / blocks when theirs exceeds the whole pool (``capacity_pages``): those swing
-    between empty and full with flushes, and a short run may only fill the pool once, while a
-    leak keeps climbing past it. Bounded caches churning at steady state give near-zero
+    Fewer than ``GROWTH_MIN_SAMPLES`` are "too few samples". Otherwise the first
+    ``WARMUP_FRACTION`` of them, and at least ``WARMUP_MIN_SAMPLES`` (allocator pools,
+    interpreter caches filling), are dropped; over the rest each series gets a least-squares
+    slope against operations. The drift is slope × operations in that window. RSS is
+    "growing" when its fitted drift exceeds ``max(RSS_DRIFT_MB, RSS_DRIFT_FRACTION × RSS)``; a
+    count (Python's allocated heap blocks, ``sys.getallocatedblocks()``: every small object a
+    leak keeps, read in well under a millisecond where counting ``gc.get_objects()`` took
+    ~110 ms a sample) when its drift exceeds ``COUNT_DRIFT_FRACTION`` × its mean + 2, and a
+    lane's live nodes / blocks when theirs exceeds the whole pool (``capacity_pages``): those
+    swing between empty and full with flushes, and a short run may only fill the pool once,
+    while a leak keeps climbing past it. Bounded caches churning at steady state give near-zero
     slopes; a leak gives a steady positive one.
     """
     if len(samples) < GROWTH_MIN_SAMPLES:

@@ -47,9 +47,11 @@ class Trace:
     versions: dict = field(default_factory=dict)
     """Implementation -> ``package==version`` it was recorded on (filled in when saved)."""
     check_every: int = 1
-    """Invariants run after every ``check_every``-th step, as when it was recorded. A soak's
-    window whose failure reproduces only so (checking every step met a known failure first)
-    keeps the soak's cadence; anything else checks every step."""
+    """Invariants run after every ``check_every``-th step and after the last, as when it was
+    recorded. A soak's window saved whole (a known failure's witness, a crash, a window that
+    would not shrink), or shrunk where only the soak's cadence reproduces its failure
+    (checking every step met a known failure first), keeps that cadence; anything else
+    checks every step."""
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "implementations": self.implementations,
