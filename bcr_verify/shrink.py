@@ -7,7 +7,9 @@ an *abstract* form where ``finish``/``abort`` name the index of the ``begin`` st
 change as soon as a step before them is removed. A candidate is re-run on fresh lanes with
 checks after every step; a ``finish`` or ``abort`` whose ``begin`` is gone (removed, rejected
 or flushed) is skipped, so every candidate is a valid run. It counts as failing only if it
-fails the *same* check in the *same* implementation as the original.
+fails the *same* check in the *same* implementation as the original. A failure the soak was
+told is known (``--known``) is gone past as the soak goes past it, every lane on a fresh cache;
+where only the soak's own invariant cadence reproduces the failure, candidates run at it.
 
 :func:`ddmin` is Zeller's minimising delta-debugging; the result is 1-minimal (no single step
 can be removed), within a time budget.
