@@ -11,7 +11,9 @@ a block computed twice is cached twice, each copy evictable on its own) are mode
 ``insert(..., keep_duplicates=True)`` and :meth:`evict_copy`: a block then holds several
 values, lookups return the oldest, and a block whose last copy went while blocks below it are
 still cached stays as a *hollow* node that ends every match until it is cached again (a hash
-map keyed by chained hashes behaves exactly so).
+map keyed by chained hashes behaves exactly so). Such engines evict copies, radix caches whole
+blocks and what lies below them; a model that has evicted a copy refuses whole-block eviction
+until :meth:`~ReferenceCache.reset`.
 
 Design rule: obviously correct beats fast. One node per block, a dict of children per node,
 a dict from value to node; no path compression, no cleverness. Every public method validates
