@@ -216,7 +216,8 @@ def test_a_failure_first_seen_as_another_check_says_so(tmp_path):
                              trace_dir=str(tmp_path)))
     failure = {"kind": "divergence", "impl": "x", "check": "match", "detail": "d"}
     report = dict(result.report, verdict="fail", failure=failure, trace="t.json",
-                  shrink={"reproduced": True},
+                  shrink={"reproduced": True, "original_steps": 40, "shrunk_steps": 3,
+                          "seconds": 1.0, "tests": 20},
                   found_as=dict(failure, kind="invariant violation", check="sizes"))
     assert ("(the soak saw it first as invariant violation in x [sizes], checking invariants "
             "every 64 steps, the name --known takes;") in summary(report)
