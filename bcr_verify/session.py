@@ -45,10 +45,19 @@ def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pag
                     op_timeout=op_timeout, origin=origin, budget=budget, strict_lru=strict_lru)
 
 
+def start_afresh(lockstep: Lockstep) -> None:
+    """Every lane of ``lockstep`` (made by :func:`build_lockstep`) on a fresh cache built as
+    its own was (:meth:`Lockstep.renew`): what a soak does after a known failure, and its
+    shrinker's replays with it."""
+    origin = lockstep.origin
+    lockstep.renew(build_adapters(origin["implementations"], origin["block_size"],
+                                  origin["capacity_pages"], origin["events"]))
+
+
 def build_adapters(implementations: Sequence[str], block_size: int, capacity_pages: int,
                    events: bool = False) -> list:
     """A fresh cache of each of ``implementations``, as :func:`build_lockstep` builds its
-    lanes' (and :meth:`Lockstep.renew` takes them)."""
+    lanes' (and :func:`start_afresh` builds them again)."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise UsageError(f"block_size must be a positive int, got {block_size!r}")
     if not implementations:

@@ -77,7 +77,7 @@ def run_abstract(trace: Trace, steps: Sequence[dict], known: Sequence[str] = ())
     skipped. Checking after every step can meet a known failure the soak, checking every
     ``check_every`` steps, had not yet seen; stopping there would shrink the known failure
     in place of the soak's new one."""
-    from bcr_verify.session import build_adapters, build_lockstep
+    from bcr_verify.session import build_lockstep, start_afresh
 
     lockstep = build_lockstep(trace.implementations, trace.block_size, trace.capacity_pages,
                               kv_replay=trace.kv_replay, check_every=trace.check_every,
@@ -100,8 +100,7 @@ def run_abstract(trace: Trace, steps: Sequence[dict], known: Sequence[str] = ())
             if failure.check not in known:
                 return Replayed(failure, list(lockstep.steps), ran, met)
             met += 1
-            lockstep.renew(build_adapters(trace.implementations, trace.block_size,
-                                          trace.capacity_pages, trace.events))
+            start_afresh(lockstep)
             rid_of.clear()
         except UsageError:  # a candidate that does not apply: not the failure
             return Replayed(None, list(lockstep.steps), ran, met)

@@ -329,7 +329,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     from bcr_verify.provenance import provenance
     from bcr_verify.runner import select_implementations
     from bcr_verify.session import (
-        build_adapters, build_lockstep, known_not_seen, prompt_source, vacuity_warnings,
+        build_lockstep, known_not_seen, prompt_source, start_afresh, vacuity_warnings,
     )
 
     if config.minutes is None and config.max_ops is None:
@@ -455,7 +455,7 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
                 if exc.check not in config.known:
                     raise
                 count_known(exc)
-                lockstep.renew(build_adapters(impls, config.block_size, capacity, config.events))
+                start_afresh(lockstep)
                 running.clear()
                 begin_at.clear()
             ops += 1
