@@ -484,16 +484,21 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
     if failure is None and not interrupted:  # a failed lane may raise or hang again
         samples.append(sample(lockstep, total_ops, start))
 
+    def window_trace(steps: list[dict], failed: dict, **meta) -> Trace:
+        """Steps since the lanes last started empty, as the soak ran them."""
+        return Trace(implementations=list(impls), block_size=config.block_size,
+                     capacity_pages=capacity, steps=steps, failure=failed,
+                     strict_lru=config.strict_lru, events=config.events,
+                     check_every=config.check_every,
+                     meta={"workload": config.workload, "source": "soak", "seed": config.seed,
+                           **meta})
+
     trace = trace_path = shrink_info = None
     if failure is not None:
         from bcr_verify.shrink import shrink
 
-        unshrunk = Trace(implementations=list(impls), block_size=config.block_size,
-                         capacity_pages=capacity, steps=window, failure=failure.as_dict(),
-                         strict_lru=config.strict_lru, events=config.events,
-                         check_every=config.check_every,
-                         meta={"workload": config.workload, "source": "soak",
-                               "seed": config.seed, "global_step": lockstep.forgotten + (failure.step or 0)})
+        unshrunk = window_trace(window, failure.as_dict(),
+                                global_step=lockstep.forgotten + (failure.step or 0))
         if isinstance(failure, FatalFinding):  # each attempt would hang again: keep it whole
             trace, shrink_info = unshrunk, {"reproduced": None, "skipped": failure.kind}
         else:
@@ -520,13 +525,8 @@ def soak(config: SoakConfig, progress=None) -> SoakResult:
 
     known_witnesses = {
         check: {"count": found["count"], "steps": len(found["witness"]),
-                "trace": str(Trace(implementations=list(impls), block_size=config.block_size,
-                                   capacity_pages=capacity, steps=found["witness"],
-                                   failure=found["failure"], strict_lru=config.strict_lru,
-                                   events=config.events, check_every=config.check_every,
-                                   meta={"workload": config.workload, "source": "soak",
-                                         "seed": config.seed, "known": True}
-                                   ).save(config.trace_dir))}
+                "trace": str(window_trace(found["witness"], found["failure"], known=True
+                                          ).save(config.trace_dir))}
         for check, found in known.items()}
     times = {lane.name: lane.adapter.call_times for lane in lockstep.lanes}
     raw_op = sum(t.seconds(TIMED) for t in times.values())
