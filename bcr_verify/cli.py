@@ -467,9 +467,8 @@ def side_by_side(trace, implementations=None, op_timeout=None) -> tuple[str, obj
             seen[_name] = (got.length, list(got.pages))
             return got
         lane.adapter.match = spy
-    header = [f"# block size {trace.block_size} | capacity {trace.capacity_pages} pages" + (
-        f" | invariants every {trace.check_every} steps and after the last, as recorded"
-        if trace.check_every != 1 else "")]
+    header = [f"# block size {trace.block_size} | capacity {trace.capacity_pages} pages"
+              f"{trace.cadence}"]
     rows = [["step", "operation", *[lane.name for lane in replayed.lanes]]]
     failure = None
     for i, step in enumerate(trace.steps):

@@ -133,13 +133,18 @@ class Trace:
         os.replace(tmp, path)
         return path
 
+    @property
+    def cadence(self) -> str:
+        """How a replay checks invariants, for a header line: nothing when after every step."""
+        if self.check_every == 1:
+            return ""
+        return f" | invariants every {self.check_every} steps and after the last, as recorded"
+
     def render(self) -> str:
         """The steps as short lines, one per step, the failing step marked."""
         failed_at = (self.failure or {}).get("step")
         lines = [f"# {', '.join(self.implementations)} | block size {self.block_size} | "
-                 f"capacity {self.capacity_pages} pages" + (
-                     f" | invariants every {self.check_every} steps" if self.check_every != 1
-                     else "")]
+                 f"capacity {self.capacity_pages} pages{self.cadence}"]
         if self.versions:
             lines.append(f"# recorded on {', '.join(sorted(set(self.versions.values())))}")
         for i, step in enumerate(self.steps):
