@@ -496,7 +496,7 @@ def side_by_side(trace, implementations=None, op_timeout=None) -> tuple[str, obj
         if failure is not None:
             break
     if failure is None:
-        failure = final_check(replayed, trace)
+        failure = final_check(replayed)
         if failure is not None:
             rows.append(["end", "invariants", *[f"FAIL {failure.check}" if lane.name ==
                                                 failure.impl else "" for lane in replayed.lanes]])

@@ -104,7 +104,7 @@ def run_abstract(trace: Trace, steps: Sequence[dict], known: Sequence[str] = ())
             rid_of.clear()
         except UsageError:  # a candidate that does not apply: not the failure
             return Replayed(None, list(lockstep.steps), ran, met)
-    failure = final_check(lockstep, trace)
+    failure = final_check(lockstep)
     if failure is not None and failure.check not in known:
         return Replayed(failure, list(lockstep.steps), len(steps), met)
     return Replayed(None, list(lockstep.steps), len(steps), met + (failure is not None))

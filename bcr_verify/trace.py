@@ -189,14 +189,14 @@ def replay(trace: Trace, implementations: Sequence[str] | None = None,
             return failure, lockstep
         except UsageError as exc:
             raise UsageError(f"step {index} ({step.get('op')}): {exc}") from None
-    return final_check(lockstep, trace), lockstep
+    return final_check(lockstep), lockstep
 
 
-def final_check(lockstep, trace: Trace) -> VerificationFailure | FatalFinding | None:
-    """The invariants once more after the last step of a trace checked every
-    ``check_every`` > 1 steps, as a soak checks before each flush and at its end; a failure
-    there is marked at the last step."""
-    if trace.check_every == 1 or not lockstep.steps:
+def final_check(lockstep) -> VerificationFailure | FatalFinding | None:
+    """The invariants once more after the last step of a lockstep that checks them every
+    ``check_every`` > 1 steps (a trace recorded so), as a soak checks before each flush and
+    at its end; a failure there is marked at the last step."""
+    if lockstep.check_every <= 1 or not lockstep.steps:
         return None
     try:
         lockstep.check()
