@@ -320,10 +320,21 @@ def events_lines(events: dict | None) -> list[str]:
              f"{c.get('blocks_removed', 0):,} removed, {c.get('cleared', 0):,} flushes, "
              f"{c.get('extra_copies_stored', 0):,} extra copies; every one checked, and "
              f"{c.get('index_checks', 0):,} index / {c.get('dynamo_checks', 0):,} Dynamo "
-             "lookups agreed" for name, c in events.get("lanes", {}).items()]
+             "lookups agreed" + _dynamo_note(c) for name, c in events.get("lanes", {}).items()]
     if events.get("no_event_stream"):
         lines.append(f"events: no stream from {', '.join(events['no_event_stream'])}")
     return lines
+
+
+def _dynamo_note(counts: dict) -> str:
+    """Dynamo's own share of a lane's event checks: a lookup repeated before the next event
+    is answered from the last one, and each of the rest is a round trip to Dynamo's thread."""
+    if not counts.get("dynamo_checks"):
+        return ""
+    rejected = counts.get("dynamo_rejected", 0)
+    return (f" ({counts.get('dynamo_asked', 0):,} sent to Dynamo, the rest unchanged since "
+            f"it last answered; {counts.get('dynamo_seconds', 0):.2f} s inside Dynamo"
+            + (f"; {rejected:,} events it rejected" if rejected else "") + ")")
 
 
 def verdict_line(report: dict) -> str:

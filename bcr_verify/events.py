@@ -69,15 +69,15 @@ class Probe(NamedTuple):
     tokens: list[int]
     keys: list
     """The prompt cut as the models file it (:meth:`ReferenceCache.split`)."""
-    blocks: list[tuple[int, ...]]
-    """The prompt cut as the event indexes file it: tuples of tokens."""
+    blocks: list
+    """The prompt cut as the event indexes file it (:func:`~bcr_verify.event_index.blocks_of`)."""
     dynamo_hashes: list[int] | None
 
 
 class LaneEvents:
     """The oracle's view of one lane: which hash it announced for each model block."""
 
-    def __init__(self, lane, worker: int, dynamo: bool):
+    def __init__(self, lane, worker: int, dynamo: bool, stats: Counter | None = None):
         self.lane = lane
         self.bs = lane.block_size
         self.hash_of: dict = {}        # model Block -> announced hash
@@ -87,11 +87,11 @@ class LaneEvents:
         """hash -> (parent hash, tokens) of the last ``HASHES_KEPT`` blocks announced."""
         self.counting = ReferenceIndex(self.bs, counting=True)
         self.router = ReferenceIndex(self.bs, counting=False)
+        self.stats = Counter() if stats is None else stats
         self.dynamo = None
         if dynamo:
             from bcr_verify.dynamo_index import DynamoIndex
-            self.dynamo = DynamoIndex(self.bs, worker)
-        self.stats = Counter()
+            self.dynamo = DynamoIndex(self.bs, worker, self.stats)
 
     def fail(self, rule: str, detail: str) -> Divergence:
         return Divergence(self.lane.name, f"events: {rule}", detail)
@@ -107,6 +107,15 @@ class EventsOracle(Observer):
         self.recent: deque = deque(maxlen=PROBES)
 
     def attach(self, lanes) -> None:
+        self._follow(lanes, {})
+
+    def renew(self, lanes) -> None:
+        """Fresh caches: their streams are judged afresh, and each lane's counts go on."""
+        stats = {s.lane.name: s.stats for s in self.lanes}
+        self.lanes, self.silent = [], []
+        self._follow(lanes, stats)
+
+    def _follow(self, lanes, stats: dict) -> None:
         for worker, lane in enumerate(lanes):
             first = lane.adapter.take_events()
             if first is None:
@@ -116,14 +125,7 @@ class EventsOracle(Observer):
                 raise Divergence(lane.name, "events: clear without a flush",
                                  f"a fresh cache published {first[:3]}")
             lane.shadow.changes = []
-            self.lanes.append(LaneEvents(lane, worker, self.dynamo))
-
-    def renew(self, lanes) -> None:
-        stats = {s.lane.name: s.stats for s in self.lanes}
-        self.lanes, self.silent = [], []
-        self.attach(lanes)
-        for s in self.lanes:
-            s.stats = stats.get(s.lane.name, s.stats)
+            self.lanes.append(LaneEvents(lane, worker, self.dynamo, stats.get(lane.name)))
 
     def after_step(self, op: str, args: dict) -> None:
         tokens = args.get("tokens")
@@ -167,6 +169,9 @@ class EventsOracle(Observer):
             before = s.copies[block]
             s.copies[block] = before + (1 if sign == "+" else -1)
             (adds if sign == "+" else removes).append([block, before, s.copies[block]])
+        by_tokens: dict[tuple, list] = {}  # a block's tokens are decoded from its key each time
+        for add in adds:
+            by_tokens.setdefault(add[0].tokens, []).append(add)
         for event in events:
             s.stats[type(event).__name__.lower()] += 1
             if isinstance(event, Cleared):
@@ -177,7 +182,7 @@ class EventsOracle(Observer):
                 s.hash_of.clear()
                 s.block_of.clear()
             elif isinstance(event, Stored):
-                self._stored(s, event, adds)
+                self._stored(s, event, adds, by_tokens)
             else:
                 self._removed(s, event, removes)
             s.counting.apply(event)
@@ -196,7 +201,9 @@ class EventsOracle(Observer):
                 raise s.fail("missing removal", f"block {_show(block)} (hash "
                              f"{s.hash_of[block]}) left the cache and no BlockRemoved said so")
 
-    def _stored(self, s: LaneEvents, event: Stored, adds: list) -> None:
+    def _stored(self, s: LaneEvents, event: Stored, adds: list, by_tokens: dict) -> None:
+        """Match each announced block to a block the model cached in this step (``adds``,
+        also filed ``by_tokens``); each match is taken from both."""
         bs, parent = s.bs, event.parent
         if len(event.tokens) != bs * len(event.hashes):
             raise s.fail("malformed store", f"{len(event.hashes)} hashes for "
@@ -212,7 +219,7 @@ class EventsOracle(Observer):
                 raise s.fail(rule, f"hash {h} announced for tokens {list(tokens)[:8]} under "
                              f"parent {parent}, and before for tokens {list(seen[1])[:8]} "
                              f"under parent {seen[0]}")
-            same_tokens = [a for a in adds if a[0].tokens == tokens]
+            same_tokens = by_tokens.get(tokens, [])
             entry = next((a for a in same_tokens if self._parent_hash(s, a[0]) == parent), None)
             if entry is None:
                 if same_tokens:
@@ -228,6 +235,7 @@ class EventsOracle(Observer):
                              f"{list(tokens)[:8]} under parent {parent}: no such block was "
                              "cached in this step")
             adds.remove(entry)
+            same_tokens.remove(entry)
             block = entry[0]
             s.hash_of[block], s.block_of[h], s.key_of_hash[h] = h, block, (parent, tokens)
             s.key_of_hash.move_to_end(h)  # announced again: among the last ones again

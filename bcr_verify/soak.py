@@ -689,6 +689,12 @@ def shrink_text(info: dict) -> str:
     return text
 
 
+def _inside_dynamo(events: dict | None) -> str:
+    """The harness's time that Dynamo's RadixTree, itself judged, spent in its own calls."""
+    seconds = sum(c.get("dynamo_seconds", 0) for c in (events or {}).get("lanes", {}).values())
+    return f"; of the harness, inside Dynamo's RadixTree {seconds:.2f} s" if seconds else ""
+
+
 def summary(report: dict) -> str:
     o = report["overhead"]
     lines = [
@@ -703,7 +709,8 @@ def summary(report: dict) -> str:
         f"(drift {report['rss_mb']['drift']:+} MB); growth verdict: {report['growth']['verdict']}",
         f"harness overhead: wall {o['wall_seconds']} s / raw implementation ops "
         f"{o['raw_implementation_op_seconds']} s = {o['ratio_wall_to_raw_ops']}x "
-        f"(implementation self-checks {o['implementation_self_check_seconds']} s)",
+        f"(implementation self-checks {o['implementation_self_check_seconds']} s"
+        + _inside_dynamo(report.get("events")) + ")",
     ]
     from bcr_verify.cli import events_lines
     from bcr_verify.session import known_not_seen_line

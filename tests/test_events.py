@@ -8,7 +8,7 @@ import pytest
 
 from bcr_verify.adapters import CacheSpec, Cleared, Removed, Stored, resolve
 from bcr_verify.errors import Divergence
-from bcr_verify.event_index import ReferenceIndex
+from bcr_verify.event_index import ReferenceIndex, blocks_of
 from bcr_verify.events import RULES
 from bcr_verify.runner import RunConfig, run
 from bcr_verify.session import build_lockstep
@@ -117,6 +117,7 @@ def test_the_same_steps_pass_on_the_real_streams(impl):
     counts = ls.report()["events"]["lanes"][impl]
     assert counts["blocks_stored"] >= 5 and counts["blocks_removed"] >= 1, counts
     assert counts["index_checks"] and counts["dynamo_checks"], counts
+    assert 0 < counts["dynamo_asked"] <= counts["dynamo_checks"] and counts["dynamo_seconds"] > 0
 
 
 def vllm_two_copies():
@@ -137,7 +138,9 @@ def test_vllm_removes_one_of_two_copies_and_says_the_block_is_gone():
 
 
 def test_a_refcounting_consumer_stays_consistent_where_a_plain_one_does_not():
-    from bcr_verify.dynamo_index import DynamoIndex
+    """Asked with one cut of the prompt, as the oracle asks its recent prompts at several
+    steps: a repeated question is answered from the last answer until the next event."""
+    from bcr_verify.dynamo_index import DynamoIndex, block_hashes
 
     adapter = resolve("vllm-apc").build(BS, 32, events=True)
     from bcr_verify.lockstep import Lockstep
@@ -149,15 +152,33 @@ def test_a_refcounting_consumer_stays_consistent_where_a_plain_one_does_not():
         for event in adapter.take_events():
             for consumer in consumers:
                 consumer.apply(event)
+    cuts = [blocks_of(A, BS), blocks_of(A, BS), block_hashes(A, BS)]
+
+    def asked():
+        once = [c.held_of(cut) for c, cut in zip(consumers, cuts)]
+        assert [c.held_of(cut) for c, cut in zip(consumers, cuts)] == once
+        assert [c.held_blocks(A) for c in consumers] == once
+        return once
     feed()
+    assert asked() == [0, 0, 0]
     ls.finish(ls.begin(A))
     ls.finish(ls.begin(A))
     feed()
-    assert [c.held_blocks(A) for c in consumers] == [2, 2, 2]
+    assert asked() == [2, 2, 2]
     ls.evict_value(1)  # the older copy of the second block
     feed()
     assert ls.lanes[0].shadow.cached_blocks(A) == 2  # the cache still serves both blocks
-    assert [c.held_blocks(A) for c in consumers] == [2, 1, 1]
+    assert asked() == [2, 1, 1]
+    # each time: the cut once (its repeat answered from the first), held_blocks's new cut once
+    assert consumers[2].stats["dynamo_asked"] == 3 * 2
+
+
+def test_an_index_files_blocks_whose_tokens_do_not_fit_in_64_bits():
+    big = [2 ** 64 + i for i in range(BS)]
+    index = ReferenceIndex(BS, counting=True)
+    index.apply(Stored(hashes=(7, 8), parent=None, tokens=tuple(A[:BS] + big)))
+    assert index.held_of(blocks_of(A[:BS] + big, BS)) == 2
+    assert index.held_of(blocks_of(A[:BS] + big[:-1] + [0], BS)) == 1
 
 
 def test_known_per_copy_removal_is_counted_and_the_rest_still_checked(tmp_path):
