@@ -44,7 +44,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcr_verify.cli import EXIT_FINDING, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PASS, EXIT_USAGE
+from bcr_verify.cli import (
+    EXIT_FINDING, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PASS, EXIT_USAGE, events_lines,
+)
 from bcr_verify.errors import UsageError
 from bcr_verify.soak import seen_first_as
 from bcr_verify.supervise import INTERRUPT_GRACE_S
@@ -301,6 +303,7 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
             if mine["steps"] is None or found["steps"] < mine["steps"]:
                 mine["steps"], mine["trace"] = found["steps"], found["trace"]
     first = got[0] if got else {}
+    events = merged_events(got)
     failures = [{"worker": row["worker"], "seed": row["seed"], "trace": row.get("trace"),
                  "failure": row.get("failure") or {"kind": "growth", "detail": row["growth"]},
                  "found_as": row.get("found_as"), "command": row["command"]}
@@ -320,6 +323,10 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
         "invariant_checks": sum(r.get("invariant_checks", 0) for r in got),
         "flushes": sum(r.get("flushes", 0) for r in got),
         "implementations_detail": detail,
+        **({"events": events} if events else {}),
+        "vacuous_warnings": [w for w in first.get("vacuous_warnings", [])
+                             if all(w in r.get("vacuous_warnings", []) for r in got)]
+        if verdict in ("pass", "inconclusive") else [],
         "known": known,
         "known_not_seen": known_not_seen(args.known or (), known),
         "failures": failures,
@@ -335,6 +342,20 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
     except OSError:
         pass
     return report
+
+
+def merged_events(reports: list[dict]) -> dict | None:
+    """The workers' events counts, summed lane by lane."""
+    with_events = [r["events"] for r in reports if r.get("events")]
+    if not with_events:
+        return None
+    lanes: dict[str, collections.Counter] = {}
+    for events in with_events:
+        for name, counts in events.get("lanes", {}).items():
+            lanes.setdefault(name, collections.Counter()).update(counts)
+    return {"lanes": {name: dict(c) for name, c in lanes.items()},
+            "no_event_stream": with_events[0].get("no_event_stream", []),
+            "dynamo": all(e.get("dynamo") for e in with_events)}
 
 
 def exit_code(report: dict) -> int:
@@ -374,6 +395,9 @@ def summary(report: dict) -> str:
     for name, d in report["implementations_detail"].items():
         lines.append(f"  {name:<22} hit rate {d.get('hit_rate', 0):.3f}, "
                      f"hits {d.get('hits', 0):,}, evictions {d.get('evictions', 0):,}")
+    lines += events_lines(report.get("events"))
+    lines += [f"WARNING (pass may be vacuous, in every worker): {w}"
+              for w in report.get("vacuous_warnings", [])]
     for check, found in report["known"].items():
         lines.append(f"KNOWN: {check} failed {found['count']:,} times (not a new finding); "
                      f"a {found['steps']}-step witness: {found['trace']}")

@@ -145,6 +145,30 @@ def test_known_checks_are_summed_over_workers_and_one_none_saw_is_said():
     assert "KNOWN, NOT SEEN: 'no such check'" in campaign.summary(report)
 
 
+def test_a_vacuous_pass_is_said_where_every_worker_said_it_and_events_are_summed():
+    """Counts are summed, so "zero hits" holds for the campaign exactly where it held in every
+    worker; the merged report used to drop both the warnings and the events counts."""
+    def passed(warnings, stored):
+        return {"verdict": "pass", "lockstep_operations": 10, "implementation_operations": 10,
+                "ops_per_second": 5.0, "seconds": 2.0, "invariant_checks": 1,
+                "vacuous_warnings": warnings,
+                "events": {"lanes": {"sglang-radix": {"blocks_stored": stored,
+                                                      "dynamo_seconds": 0.5}},
+                           "no_event_stream": ["reference"], "dynamo": True}}
+    zero_hits = "sglang-radix: zero cache hits, so matching was never exercised"
+    zero_evictions = "reference: zero evictions, so eviction was never exercised"
+    report = campaign.merge([_worker(0, 0), _worker(1, 0)],
+                            [passed([zero_hits, zero_evictions], 3), passed([zero_hits], 4)],
+                            False, 3.0, ARGS)
+    assert report["vacuous_warnings"] == [zero_hits]
+    assert report["events"]["lanes"]["sglang-radix"] == {"blocks_stored": 7, "dynamo_seconds": 1.0}
+    text = campaign.summary(report)
+    assert f"WARNING (pass may be vacuous, in every worker): {zero_hits}" in text
+    assert zero_evictions not in text
+    assert "events sglang-radix: 7 blocks stored" in text
+    assert "events: no stream from reference" in text
+
+
 def test_every_soak_option_reaches_the_workers_or_the_campaign():
     from bcr_verify.cli import build_parser
 
