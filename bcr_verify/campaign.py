@@ -276,7 +276,7 @@ def worker_summary(w: Worker, report: dict | None) -> dict:
 def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
           seconds: float, args) -> dict:
     """One report from the workers': counts summed, the worst verdict, every failure."""
-    from bcr_verify.session import known_not_seen
+    from bcr_verify.session import add_section, known_not_seen
 
     rows = [worker_summary(w, r) for w, r in zip(workers, reports)]
     verdict = max((row["verdict"] for row in rows), key=ORDER.index)
@@ -303,7 +303,10 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
             if mine["steps"] is None or found["steps"] < mine["steps"]:
                 mine["steps"], mine["trace"] = found["steps"], found["trace"]
     first = got[0] if got else {}
-    events = merged_events(got)
+    events: dict = {}
+    for r in got:
+        if r.get("events"):
+            add_section(events, r["events"])
     failures = [{"worker": row["worker"], "seed": row["seed"], "trace": row.get("trace"),
                  "failure": row.get("failure") or {"kind": "growth", "detail": row["growth"]},
                  "found_as": row.get("found_as"), "command": row["command"]}
@@ -344,20 +347,10 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
     return report
 
 
-def merged_events(reports: list[dict]) -> dict | None:
-    """The workers' events counts, summed lane by lane."""
-    with_events = [r["events"] for r in reports if r.get("events")]
-    if not with_events:
-        return None
-    lanes: dict[str, collections.Counter] = {}
-    for events in with_events:
-        for name, counts in events.get("lanes", {}).items():
-            lanes.setdefault(name, collections.Counter()).update(counts)
-    return {"lanes": {name: dict(c) for name, c in lanes.items()},
-            "no_event_stream": with_events[0].get("no_event_stream", []),
-            "dynamo": all(e.get("dynamo") for e in with_events)}
-
-
+    events: dict = {}
+    for r in got:
+        if r.get("events"):
+            add_section(events, r["events"])
 def exit_code(report: dict) -> int:
     verdict = report["verdict"]
     if verdict == "fail":

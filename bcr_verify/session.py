@@ -144,18 +144,8 @@ class Totals:
                     for name, steps in value.items():
                         if name not in kept or len(steps) < len(kept[name]):
                             kept[name] = steps
-        for key, value in report.items():  # observers' sections: counts add, maxima max
-            mine = self.extra.setdefault(key, {})
-            for k, v in value.items():
-                if k.startswith("max_") and v is not None:
-                    mine[k] = v if mine.get(k) is None else max(mine[k], v)
-                elif k in SUMMED and v is not None:
-                    mine[k] = mine.get(k, 0) + v
-                elif k in PER_LANE:
-                    for lane, counts in v.items():
-                        mine.setdefault(k, {}).setdefault(lane, Counter()).update(counts)
-                else:
-                    mine[k] = v
+        for key, value in report.items():  # observers' sections
+            add_section(self.extra.setdefault(key, {}), value)
 
     def reset(self) -> None:
         self.__init__()
@@ -184,6 +174,21 @@ class Totals:
                 "operations": dict(self.operations), "rejected_requests": self.rejected_requests,
                 "cross_lane_checks": self.cross_lane_checks,
                 "implementations": impls, **self._observer_sections()}
+
+
+def add_section(mine: dict, section: dict) -> None:
+    """One observer's report ``section`` added into ``mine``, its sum so far: counts add
+    (:data:`SUMMED`, and :data:`PER_LANE` lane by lane), maxima max, settings as last said."""
+    for k, v in section.items():
+        if k.startswith("max_") and v is not None:
+            mine[k] = v if mine.get(k) is None else max(mine[k], v)
+        elif k in SUMMED and v is not None:
+            mine[k] = mine.get(k, 0) + v
+        elif k in PER_LANE:
+            for lane, counts in v.items():
+                mine.setdefault(k, {}).setdefault(lane, Counter()).update(counts)
+        else:
+            mine[k] = v
 
 
 SUMMED = {"hits", "replayed", "skipped", "failures", "replayed_tokens", "written_tokens",
