@@ -72,6 +72,22 @@ def _positive(convert, name):
     return parse
 
 
+class _Version(argparse.Action):
+    """``--version``: what a bug report needs, read only when asked (no implementation is
+    imported: their versions are in ``bcr-verify impls`` and in every report)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show bcr_verify's version, "
+                         "Python's and Hypothesis's, and whether the reference model is "
+                         "compiled, then exit", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from bcr_verify.provenance import tool_versions
+        print("bcr-verify {bcr_verify} (Python {python}, Hypothesis {hypothesis}; reference "
+              "model: {reference_model})".format(**tool_versions()))
+        parser.exit()
+
+
 def _positive_int(name):
     return _positive(int, name)
 
@@ -536,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive prefix (KV) cache implementations in lockstep with a reference "
                     "model, real-tokenizer workloads and invariant checks after every step.",
         epilog=EPILOG)
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("impls", help="list implementations, available or not and why")

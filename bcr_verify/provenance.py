@@ -15,12 +15,21 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def tool_versions() -> dict:
+    """bcr_verify's, Python's and Hypothesis's versions, and whether the model judging
+    implementations runs compiled."""
+    from bcr_verify.models import COMPILED
+
+    return {"bcr_verify": _version("bcr-verify"), "python": platform.python_version(),
+            "hypothesis": _version("hypothesis"),
+            "reference_model": "compiled (mypyc)" if COMPILED else "Python source"}
+
+
 def provenance(implementations: list[str], **request) -> dict:
     """bcr_verify, Python, Hypothesis and each implementation's version, whether the model
     judging them ran compiled, the command line, what was asked for (``request``: budget,
     seed, ...) and when."""
     from bcr_verify.adapters.registry import resolve
-    from bcr_verify.models import COMPILED
 
     versions = {}
     for name in implementations:
@@ -29,9 +38,7 @@ def provenance(implementations: list[str], **request) -> dict:
         except Exception as exc:  # noqa: BLE001 - provenance must never fail a run
             versions[name] = f"unknown ({type(exc).__name__})"
     return {
-        "bcr_verify": _version("bcr-verify"), "python": platform.python_version(),
-        "hypothesis": _version("hypothesis"), "implementations": versions,
-        "reference_model": "compiled (mypyc)" if COMPILED else "Python source",
+        **tool_versions(), "implementations": versions,
         "command": sys.argv[:], "request": request,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -26,6 +26,25 @@ def test_impls_lists_every_adapter_with_availability_and_reason():
     assert not rows["bcr"]["available"] and "bcr_cache" in rows["bcr"]["reason"]
 
 
+def test_version_names_what_a_bug_report_needs_without_importing_any_implementation():
+    probe = ("import sys\nfrom bcr_verify.cli import main\ntry:\n    main(['--version'])\n"
+             "finally:\n    print(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'torch', 'sglang', 'vllm', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    version, imported = out.stdout.splitlines()
+    from importlib.metadata import version as dist_version
+
+    import hypothesis
+    from bcr_verify.models import COMPILED
+
+    assert version.startswith(f"bcr-verify {dist_version('bcr-verify')} (Python ")
+    assert f"Hypothesis {hypothesis.__version__}" in version
+    assert ("compiled (mypyc)" if COMPILED else "Python source") in version
+    assert imported == "[]"
+
+
 def test_run_catches_a_broken_module_attr_cache_and_prints_a_replayable_trace(tmp_path):
     out = cli("run", "--impl", "reference", "--impl", "broken_caches:off_by_one_match",
               "--block-size", "1", "--quiet", "--trace-dir", str(tmp_path / "traces"),
