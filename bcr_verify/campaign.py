@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bcr_verify import affinity
 from bcr_verify.cli import (
     EXIT_FINDING, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PASS, EXIT_USAGE, events_lines,
 )
@@ -56,7 +57,7 @@ FORWARDED = {"impls": "--impl", "block_size": "--block-size", "workload": "--wor
              "sample_seconds": "--sample-seconds", "strict_lru": "--strict-lru",
              "events": "--events", "shape": "--shape", "trace_dir": "--trace-dir",
              "op_timeout": "--op-timeout", "in_process": "--in-process",
-             "shrink_seconds": "--shrink-seconds", "known": "--known"}
+             "shrink_seconds": "--shrink-seconds", "known": "--known", "no_pin": "--no-pin"}
 """The soak options every worker gets as given (``--seed`` and ``--ops`` are derived)."""
 CAMPAIGN_ONLY = {"workers", "seed", "ops", "json", "plot", "quiet"}
 """The options the campaign itself answers; a new soak option must join one of the two sets
@@ -91,6 +92,9 @@ class Worker:
     argv: list[str]
     """``bcr-verify soak ...`` arguments that reproduce this worker alone."""
     json_path: Path
+    cpu: int | None = None
+    """The CPU the worker is pinned to from its start (``--events``: see
+    :mod:`bcr_verify.affinity`), each worker on its own while there are CPUs enough."""
     proc: subprocess.Popen | None = None
     ops: int = 0
     rate: float = 0.0
@@ -126,12 +130,14 @@ def plan(args) -> list[Worker]:
                 common += [option, str(item)]
         else:
             common += [option, str(value)]
+    cpus = affinity.allowed() if affinity.wanted(args) else None
     workers = []
     for i in range(n):
         argv = ["--seed", str(args.seed + i), *common]
         if args.ops is not None:
             argv += ["--ops", str(args.ops // n + (i < args.ops % n))]
-        workers.append(Worker(i, args.seed + i, argv, Path()))
+        workers.append(Worker(i, args.seed + i, argv, Path(),
+                              cpu=cpus[i % len(cpus)] if cpus else None))
     return workers
 
 
@@ -171,7 +177,7 @@ def run_workers(workers: list[Worker], show, minutes: float | None) -> bool:
         w.proc = subprocess.Popen(
             [sys.executable, "-m", "bcr_verify.cli", "soak", *w.argv, "--json", str(w.json_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True, preexec_fn=lambda: _worker_setup(mask))
+            start_new_session=True, preexec_fn=lambda cpu=w.cpu: _worker_setup(mask, cpu))
     readers = [threading.Thread(target=_read_stderr, args=(w,), daemon=True) for w in workers]
     for t in readers:
         t.start()
@@ -199,13 +205,16 @@ def run_workers(workers: list[Worker], show, minutes: float | None) -> bool:
     return interrupted_at is not None
 
 
-def _worker_setup(mask) -> None:
-    """In the worker, before exec: the campaign's signal mask back, and SIGTERM if the
-    campaign dies outright (its own session keeps a terminal's Ctrl-C from reaching it)."""
+def _worker_setup(mask, cpu: int | None) -> None:
+    """In the worker, before exec: the campaign's signal mask back, SIGTERM if the campaign
+    dies outright (its own session keeps a terminal's Ctrl-C from reaching it), and its CPU
+    (``cpu``; the worker then pins itself to the one CPU it is allowed)."""
     from bcr_verify.supervise import _die_with_parent
 
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     _die_with_parent()
+    if cpu is not None:
+        affinity.pin(cpu)
 
 
 def _read_stderr(w: Worker) -> None:
@@ -257,7 +266,7 @@ def _read(w: Worker) -> dict | None:
 
 
 def worker_summary(w: Worker, report: dict | None) -> dict:
-    out = {"worker": w.index, "seed": w.seed, "command": w.command,
+    out = {"worker": w.index, "seed": w.seed, "command": w.command, "cpu": w.cpu,
            "exit_code": w.proc.returncode}
     if report is None:
         why = w.killed or f"exit status {w.proc.returncode}"
@@ -339,7 +348,9 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
     if "provenance" in first:
         report["provenance"] = {**first["provenance"], "command": sys.argv[:],
                                 "request": {"workers": len(workers), "seed": args.seed,
-                                            "minutes": args.minutes, "ops": args.ops}}
+                                            "minutes": args.minutes, "ops": args.ops},
+                                "cpus": sorted({c for r in got
+                                                for c in r.get("provenance", {}).get("cpus", [])})}
     try:
         report["load_average"] = os.getloadavg()
     except OSError:
@@ -372,9 +383,11 @@ def summary(report: dict) -> str:
              f"{n} workers, worker i with --seed {report['seed']}+i"]
     for row in report["workers"]:
         if "lockstep_operations" in row:
-            lines.append(f"  worker {row['worker']} (seed {row['seed']}): {row['verdict']}, "
-                         f"{row['lockstep_operations']:,} ops in {row['seconds']} s = "
-                         f"{row['ops_per_second']:,} ops/s, growth {row['growth']}")
+            lines.append(f"  worker {row['worker']} (seed {row['seed']}"
+                         + (f", CPU {row['cpu']}" if row.get("cpu") is not None else "")
+                         + f"): {row['verdict']}, {row['lockstep_operations']:,} ops in "
+                         f"{row['seconds']} s = {row['ops_per_second']:,} ops/s, growth "
+                         f"{row['growth']}")
         else:
             lines.append(f"  worker {row['worker']} (seed {row['seed']}): {row['verdict']}, "
                          f"{row.get('note', 'its counts were lost with its process')}")

@@ -103,6 +103,29 @@ EVENTS_HELP = ("check every KV-cache event of the implementations that publish t
 """``--events`` of ``run`` and ``soak``."""
 
 
+def add_events_args(parser: argparse.ArgumentParser) -> None:
+    """``--events`` and ``--no-pin``, of ``run`` and ``soak``."""
+    parser.add_argument("--events", action="store_true", help=EVENTS_HELP)
+    parser.add_argument("--no-pin", action="store_true",
+                        help="with --events, do not pin the process to one CPU. By default it "
+                             "is (never with --kv-replay), because Dynamo's RadixTree answers "
+                             "from a thread of its own and a round trip between two cores cost "
+                             "~50-95 us here, ~9 us on one: an events soak ran twice as fast "
+                             "pinned (bcr_verify/affinity.py)")
+
+
+def pin_for_events(args) -> int | None:
+    """Pin this process to one CPU where :func:`bcr_verify.affinity.wanted` says so; the CPU."""
+    from bcr_verify import affinity
+
+    return affinity.pin() if affinity.wanted(args) else None
+
+
+def pinned_line(cpu: int) -> str:
+    return (f"pinned to CPU {cpu}: Dynamo's RadixTree answers each call from a thread of its "
+            "own, and a round trip across cores costs ~50-95 us (--no-pin to leave it free)")
+
+
 def add_impl_args(parser: argparse.ArgumentParser, faults: bool = True) -> None:
     """Options shared by every command that runs implementations; ``faults``: with the
     timeout and supervision options of commands that report hangs and crashes."""
@@ -249,6 +272,7 @@ def cmd_run(args) -> int:
         op_timeout=args.op_timeout, known=tuple(args.known or ()), strict_lru=args.strict_lru,
         events=args.events, shrink_seconds=args.shrink_seconds)
     show = None if args.quiet else progress_printer()
+    args.pinned_cpu = pin_for_events(args)
     result = run(config, progress=show)
     with verdict_reached():
         return _report_run(args, result, show)
@@ -262,6 +286,8 @@ def _report_run(args, result, show) -> int:
     report = result.as_dict()
     if args.json:
         write_json(report, args.json)
+    if args.pinned_cpu is not None:
+        print(pinned_line(args.pinned_cpu))
     print_report(report)
     if result.failure is not None:
         print("\n" + result.failure.render())
@@ -589,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "under a relaxation the model accepts for radix trees (whole-node "
                         "over-eviction, split refresh) fails the run; by default each is "
                         "counted, with a witness trace")
-    p.add_argument("--events", action="store_true", help=EVENTS_HELP)
+    add_events_args(p)
     add_shrink_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_run, supervise=True)

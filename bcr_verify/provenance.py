@@ -28,8 +28,9 @@ def tool_versions() -> dict:
 def provenance(implementations: list[str], **request) -> dict:
     """bcr_verify, Python, Hypothesis and each implementation's version, whether the model
     judging them ran compiled, the command line, what was asked for (``request``: budget,
-    seed, ...) and when."""
+    seed, ...), the CPUs it could run on (one where it was pinned) and when."""
     from bcr_verify.adapters.registry import resolve
+    from bcr_verify.affinity import allowed
 
     versions = {}
     for name in implementations:
@@ -39,6 +40,6 @@ def provenance(implementations: list[str], **request) -> dict:
             versions[name] = f"unknown ({type(exc).__name__})"
     return {
         **tool_versions(), "implementations": versions,
-        "command": sys.argv[:], "request": request,
+        "command": sys.argv[:], "request": request, "cpus": allowed(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -34,7 +34,7 @@ def build_lockstep(implementations: Sequence[str], block_size: int, capacity_pag
     observers = []
     if events:
         from bcr_verify.events import EventsOracle
-        observers.append(EventsOracle(dynamo=_dynamo_available()))
+        observers.append(EventsOracle(dynamo=dynamo_available()))
     if kv_replay:
         from bcr_verify.kv_replay import KVReplay
         observers.append(KVReplay(block_size, model=_replay_model()))
@@ -70,7 +70,7 @@ def build_adapters(implementations: Sequence[str], block_size: int, capacity_pag
 
 
 @functools.lru_cache(maxsize=1)
-def _dynamo_available() -> bool:
+def dynamo_available() -> bool:
     """Dynamo's RadixTree (``ai-dynamo-runtime``) is installed: events also feed it."""
     try:
         import bcr_verify.dynamo_index  # noqa: F401

@@ -767,7 +767,7 @@ def summary(report: dict) -> str:
 
 
 def cmd_soak(args) -> int:
-    from bcr_verify.cli import verdict_reached
+    from bcr_verify.cli import pin_for_events, verdict_reached
     from bcr_verify.session import progress_printer
 
     if args.workers > 1:
@@ -782,12 +782,14 @@ def cmd_soak(args) -> int:
         strict_lru=args.strict_lru, events=args.events, shrink_seconds=args.shrink_seconds,
         known=tuple(args.known or ()))
     show = None if args.quiet else progress_printer()
+    args.pinned_cpu = pin_for_events(args)
     result = soak(config, progress=show)
     with verdict_reached():
         return _report_soak(args, result, show)
 
 
 def _report_soak(args, result, show) -> int:
+    from bcr_verify.cli import pinned_line
     from bcr_verify.runner import write_json
 
     if show:
@@ -796,6 +798,8 @@ def _report_soak(args, result, show) -> int:
         write_json(result.report, args.json)
     if args.plot:
         plot(result.report, args.plot)
+    if args.pinned_cpu is not None:
+        print(pinned_line(args.pinned_cpu))
     print(summary(result.report))
     if args.plot:
         print(f"plot: {args.plot}")
@@ -808,7 +812,7 @@ def _report_soak(args, result, show) -> int:
 
 def register(subparsers) -> None:
     from bcr_verify.cli import (
-        EVENTS_HELP, _positive_float, _positive_int, add_impl_args, add_known_arg,
+        _positive_float, _positive_int, add_events_args, add_impl_args, add_known_arg,
         add_shrink_arg,
     )
 
@@ -841,7 +845,7 @@ def register(subparsers) -> None:
                    help="sample RSS and sizes this often (default: ~240 samples per run)")
     p.add_argument("--strict-lru", action="store_true",
                    help="an eviction legal only under a relaxation of strict LRU is a failure")
-    p.add_argument("--events", action="store_true", help=EVENTS_HELP)
+    add_events_args(p)
     add_known_arg(p)
     p.add_argument("--shape", choices=("mixed", "deep"), default="mixed",
                    help="mixed: the workload's prompts with flushes (default); deep: long "
