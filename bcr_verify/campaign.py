@@ -358,10 +358,6 @@ def merge(workers: list[Worker], reports: list[dict | None], interrupted: bool,
     return report
 
 
-    events: dict = {}
-    for r in got:
-        if r.get("events"):
-            add_section(events, r["events"])
 def exit_code(report: dict) -> int:
     verdict = report["verdict"]
     if verdict == "fail":
