@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES_FROM = (0, 4, 8, 0)
 """Paging came in 0.4.4, but its paged allocator allocates only through Triton on a GPU
 until 0.4.8: block size 4 runs on a CPU from 0.4.8 on."""
-UNIFIED_FROM = (0, 5, 18, 0)
+UNIFIED_FROM = (0, 5, 12, 0)
+"""UnifiedRadixCache came in 0.5.11 and is driven from 0.5.12 (bcr_verify.adapters.sglang)."""
 SPLIT_VIEWS_FIXED = (0, 5, 8, 0)
 """sgl-project/sglang#17191: before 0.5.8 a split leaves both halves viewing one storage."""
 REGRESSION = ROOT / "corpus" / "traces" / "releases" / "sglang-split-views-fixed-in-0.5.8.json"
@@ -76,7 +77,7 @@ def test_each_release_is_driven_on_its_own_generation(release, tmp_path):
     assert row["available"], row["reason"]
     assert row["notes"]["release"] == name
     assert row["notes"]["generation"] == generation(name)
-    # the unified cache where the release has it: Python core from 0.5.18, Rust from 0.5.19
+    # the unified cache where the release has it: in Python from 0.5.12, Rust core from 0.5.19
     assert rows["sglang-unified-py"]["available"] == (release_tuple(name) >= UNIFIED_FROM)
     assert rows["sglang-unified-rust"]["available"] == (release_tuple(name) >= (0, 5, 19, 0))
     impls = ["--impl", "reference", "--impl", "sglang-radix"] + (
@@ -134,6 +135,9 @@ EVENT_REGRESSIONS = {
 }
 EVENTS_FROM = (0, 4, 8, 0)
 """SGLang's RadixCache publishes KV events from 0.4.8."""
+UNIFIED_EVENTS = REGRESSION.parent / "sglang-events-unified-silent-fixed-in-0.5.13.json"
+UNIFIED_EVENTS_FIXED = (0, 5, 13, 0)
+"""sgl-project/sglang#26387: before 0.5.13 UnifiedRadixCache publishes no KV events at all."""
 
 
 def test_event_regressions_fail_until_their_fix_and_pass_after():
@@ -161,3 +165,19 @@ def test_event_regressions_fail_until_their_fix_and_pass_after():
                 assert got.startswith("PASS"), (name, trace, got)
             else:
                 assert got.startswith("FAIL") and f"[{want}]" in got, (name, trace, want, got)
+
+
+def test_unified_cache_publishes_events_from_0_5_13():
+    """UnifiedRadixCache took ``enable_kv_cache_events`` and published nothing until 0.5.13:
+    its regression trace fails on every release before the fix that drives the cache, with
+    the first event missing, and replays cleanly from the fix on."""
+    from bcr_verify.adapters.sglang_api import release_tuple
+    for name, python in ((r, ensure(r)) for r in known_releases()
+                         if release_tuple(r) >= UNIFIED_FROM):
+        out = bcr_verify_in(python, "replay", str(UNIFIED_EVENTS))
+        if release_tuple(name) < UNIFIED_EVENTS_FIXED:
+            assert out.returncode == 1 and "[events: missing store]" in out.stdout, (
+                name, out.stdout[-1500:])
+        else:
+            assert out.returncode == 0 and "replayed cleanly" in out.stdout, (
+                name, out.stdout[-1500:] + out.stderr[-1500:])

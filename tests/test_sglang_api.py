@@ -12,8 +12,8 @@ from bcr_verify.adapters.sglang_api import generation, load, release_tuple
 
 @pytest.mark.parametrize("version, name", [
     ("0.4.3", "A"), ("0.4.3.post3", "B"), ("0.4.4", "C"), ("0.4.9", "D"), ("0.5.2", "E"),
-    ("0.5.5", "F"), ("0.5.6.post2", "G"), ("0.5.7", "G"), ("0.5.8", "H"), ("0.5.9", "I"), ("0.5.19", "J"),
-    ("0.5.23", "K"),
+    ("0.5.5", "F"), ("0.5.6.post2", "G"), ("0.5.7", "G"), ("0.5.8", "H"), ("0.5.9", "I"),
+    ("0.5.13", "I"), ("0.5.18", "J"), ("0.5.19", "J"), ("0.5.23", "K"),
 ])
 def test_generation_of_a_release(version, name):
     assert generation(version).startswith(name + " ")

@@ -5,7 +5,7 @@ scheduler drives them.
   :mod:`bcr_verify.walker` walks it after every mutation. Its clock (``time.time`` or
   ``time.monotonic``) is replaced by a counter so that LRU order, and so every replay, is
   reproducible. How each release spells each call is in :mod:`bcr_verify.adapters.sglang_api`.
-- ``unified-py`` / ``unified-rust``: :class:`UnifiedRadixCache` (0.5.18+; the Rust tree core
+- ``unified-py`` / ``unified-rust``: :class:`UnifiedRadixCache` (0.5.12+; the Rust tree core
   0.5.19+) with the Python or the Rust tree core, checked by its own ``sanity_check()``.
 
 Each adapter owns the release's real allocator on the CPU without a KV buffer, and records
@@ -29,8 +29,11 @@ from bcr_verify.adapters.sglang_api import load
 from bcr_verify.errors import AdapterUnavailable, InvariantViolation
 
 KINDS = ("radix", "unified-py", "unified-rust")
-UNIFIED_FROM = "0.5.18"
-"""UnifiedRadixCache's first release; its only tree core there is Python (0.5.19 adds Rust)."""
+UNIFIED_FROM = "0.5.12"
+"""The first release whose UnifiedRadixCache is driven. It came in 0.5.11 (opt-in, by
+``SGLANG_ENABLE_UNIFIED_RADIX_TREE``), whose ``dec_lock_ref`` takes no lock receipt yet. Until
+0.5.17 the cache is its own tree, in Python; 0.5.17 moved the tree into a tree core, and 0.5.19
+added the Rust one."""
 BACKEND_VARIABLE = "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"
 
 
@@ -123,7 +126,10 @@ class SGLangAdapter(CacheAdapter):
             raise AdapterUnavailable(
                 f"UnifiedRadixCache is driven from sglang {UNIFIED_FROM} on; this is "
                 f"{api.t.release}")
-        from sglang.srt.mem_cache.unified_cache.components import ComponentType
+        try:
+            from sglang.srt.mem_cache.unified_cache.components import ComponentType
+        except ImportError:  # before 0.5.17
+            from sglang.srt.mem_cache.unified_cache_components import ComponentType
         from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
         backend = "python" if self.kind == "unified-py" else "rust"
@@ -133,7 +139,7 @@ class SGLangAdapter(CacheAdapter):
                       enable_kv_cache_events=self.events)
         if "tree_core_backend" in inspect.signature(api.CacheInitParams).parameters:
             cache = UnifiedRadixCache(api.CacheInitParams(**params, tree_core_backend=backend))
-        else:  # 0.5.18-0.5.21 choose the core from the environment
+        else:  # 0.5.17-0.5.21 choose the core from the environment
             previous = os.environ.get(BACKEND_VARIABLE)
             os.environ[BACKEND_VARIABLE] = backend
             try:
@@ -146,6 +152,11 @@ class SGLangAdapter(CacheAdapter):
                     os.environ.pop(BACKEND_VARIABLE)
                 else:
                     os.environ[BACKEND_VARIABLE] = previous
+        if not hasattr(cache, "tree_core"):  # before 0.5.17: the backend variable is unread
+            if backend == "rust":
+                raise AdapterUnavailable(f"sglang {api.t.release}'s UnifiedRadixCache keeps its "
+                                         "tree in Python (tree cores came in 0.5.17)")
+            return cache
         core = type(cache.tree_core).__name__
         if backend == "rust" and core != "RustUnifiedTreeCore":
             raise AdapterUnavailable(

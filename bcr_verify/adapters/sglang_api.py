@@ -40,12 +40,15 @@ GENERATIONS = (
     ("G", "0.5.6", "RadixCache(CacheInitParams); SHA-256 event hashes"),
     ("H", "0.5.8", "match_prefix(MatchPrefixParams)"),
     ("I", "0.5.9", "insert(InsertParams) -> InsertResult; evict(EvictParams); evictable_leaves"),
-    ("J", "0.5.18", "RadixKey over array('q') with child_key(); free_segment; UnifiedRadixCache"),
+    ("J", "0.5.18", "RadixKey over array('q') with child_key(); free_segment; UnifiedRadixCache "
+                   "over tree cores"),
     ("K", "0.5.22", "MatchResult.device_prefix_len + path_device_indices(); lock receipts"),
 )
 """(name, first release, what changed): the API generations of the classic RadixCache. The
-first release of each is the first one read that has it; releases between two read ones
-(0.4.5-0.4.7, 0.4.10-0.5.1, 0.5.10-0.5.17, 0.5.20-0.5.21) are named by the earlier."""
+first release of each is the first one read that has all of it; releases between two read ones
+(0.4.5-0.4.7, 0.4.10-0.5.1, 0.5.10-0.5.17 but 0.5.12 and 0.5.13, 0.5.20-0.5.21) are named by
+the earlier. A release may already have part of the next generation (0.5.12 ``child_key()``,
+0.5.13 keys over ``array('q')``, both named I): the translations follow what is installed."""
 
 
 def release_tuple(version: str) -> tuple[int, ...]:
