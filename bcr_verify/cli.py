@@ -97,7 +97,8 @@ def _positive_float(name):
 
 
 EVENTS_HELP = ("check every KV-cache event of the implementations that publish them "
-               "(SGLang's caches from 0.4.8, vLLM): each against the model, and replayed "
+               "(SGLang's RadixCache from 0.4.8, its UnifiedRadixCache from 0.5.13, vLLM): "
+               "each against the model, and replayed "
                "into a refcounting index and Dynamo's RadixTree that must agree with the "
                "cache (docs/events.md)")
 """``--events`` of ``run`` and ``soak``."""
